@@ -1,0 +1,50 @@
+"""Foundation: stllm_core never needs rclpy; the interfaces are generated; launch/executables are installed."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stllm_core_imports_with_rclpy_unimportable():
+    code = (
+        "import sys, importlib, pkgutil\n"
+        "sys.modules['rclpy'] = None  # any `import rclpy` now raises ImportError\n"
+        "import stllm_core\n"
+        "for m in pkgutil.walk_packages(stllm_core.__path__, 'stllm_core.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "assert sys.modules['rclpy'] is None\n"
+        "print('imported', len(sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "imported" in out.stdout
+
+
+def test_generated_interfaces_have_the_documented_fields():
+    from stllm_ros.msg import Answer
+    from stllm_ros.srv import AskSTLLM
+
+    req = AskSTLLM.Request()
+    assert set(req.get_fields_and_field_types()) == {"question", "window_sec", "max_new_tokens"}
+    res = set(AskSTLLM.Response.get_fields_and_field_types())
+    assert res == {
+        "success", "answer", "error", "clip_start", "clip_end", "num_frames", "num_points",
+        "encode_ms", "prefill_ms", "decode_ms", "num_tokens",
+    }
+    assert {"question", "answer", "stamp", "clip_start", "num_tokens"} <= set(Answer.get_fields_and_field_types())
+
+
+def test_tf2_msgs_matches_the_real_type():
+    from tf2_msgs.msg import TFMessage
+
+    assert TFMessage.get_fields_and_field_types() == {"transforms": "sequence<geometry_msgs/TransformStamped>"}
+
+
+def test_install_tree_has_launch_files_and_executables_where_ros2_looks():
+    install = ROOT / "install" / "stllm_ros"
+    assert (install / "share" / "stllm_ros" / "launch" / "reasoning.launch.py").exists()
+    for exe in ("stllm-reasoner", "stllm-perception", "stllm-ask", "stllm-run", "stllm-play"):
+        assert (install / "lib" / "stllm_ros" / exe).exists(), exe
+    assert (install / "share" / "stllm_ros" / "package.xml").exists()

@@ -1,0 +1,1 @@
+"""training/: REA fine-tuning and evaluation entry points (stllm-train, stllm-eval)."""
