@@ -1,0 +1,388 @@
+"""Conversions between ROS 2 messages and the numpy/core types of stllm_core (no cv_bridge, no sensor_msgs_py).
+
+Everything here is vectorised numpy: no per-pixel or per-point Python loops. Every refusal raises
+`stllm_core.errors.InputError` naming the field and the value seen.
+
+Conventions:
+- Colour images come out as RGB uint8 (H, W, 3) (`image_to_rgb`), whatever the colour encoding on the wire.
+- Depth comes out as float32 metres (H, W) (`image_to_depth`): 16UC1 is millimetres (0 = no return, mapped to NaN),
+  32FC1 is metres (REP-117: NaN/+-Inf are kept; callers mask non-finite values).
+- Point clouds: a structured array with float32 fields x, y, z (metres, in `header.frame_id`) and rgb, the PCL packing
+  of 0x00RRGGBB in a uint32 reinterpreted as float32 (what RViz and PCL read).
+- Stamps: `builtin_interfaces/Time` <-> float seconds (`sec + nanosec * 1e-9`).
+- Transforms: `TransformStamped` <-> (parent, child, stamp, t (3,) metres, q (4,) xyzw), meaning T_parent_child.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from geometry_msgs.msg import TransformStamped
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
+
+from stllm_core.errors import InputError
+
+# encoding -> (numpy dtype of one channel, channels)
+IMAGE_ENCODINGS: dict[str, tuple[np.dtype, int]] = {
+    "rgb8": (np.dtype(np.uint8), 3),
+    "bgr8": (np.dtype(np.uint8), 3),
+    "rgba8": (np.dtype(np.uint8), 4),
+    "bgra8": (np.dtype(np.uint8), 4),
+    "mono8": (np.dtype(np.uint8), 1),
+    "16UC1": (np.dtype(np.uint16), 1),
+    "32FC1": (np.dtype(np.float32), 1),
+}
+COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
+DEPTH_ENCODINGS = ("16UC1", "32FC1")
+
+# sensor_msgs/PointField datatype -> numpy dtype (little endian)
+POINTFIELD_DTYPES: dict[int, np.dtype] = {
+    PointField.INT8: np.dtype("i1"),
+    PointField.UINT8: np.dtype("u1"),
+    PointField.INT16: np.dtype("<i2"),
+    PointField.UINT16: np.dtype("<u2"),
+    PointField.INT32: np.dtype("<i4"),
+    PointField.UINT32: np.dtype("<u4"),
+    PointField.FLOAT32: np.dtype("<f4"),
+    PointField.FLOAT64: np.dtype("<f8"),
+}
+
+#: The structured dtype `pointcloud2_to_array` returns and `array_to_pointcloud2` writes (16 bytes per point).
+CLOUD_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("rgb", "<f4")])
+
+QUATERNION_NORM_TOLERANCE = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------- time
+
+
+def stamp_to_sec(stamp: Time) -> float:
+    """builtin_interfaces/Time -> float seconds."""
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def sec_to_stamp(t: float) -> Time:
+    """Float seconds -> builtin_interfaces/Time (rounded to the nearest nanosecond)."""
+    if not np.isfinite(t) or t < 0:
+        raise InputError(f"Got {t!r} for a stamp; expected a finite, non-negative number of seconds.")
+    sec = int(np.floor(t))  # split first: t * 1e9 would lose nanoseconds beyond 2**53
+    ns = int(round((t - sec) * 1e9))
+    if ns >= 1_000_000_000:
+        sec, ns = sec + 1, ns - 1_000_000_000
+    return Time(sec=sec, nanosec=ns)
+
+
+# --------------------------------------------------------------------------------------------------------- images
+
+
+def image_to_numpy(msg: Image) -> np.ndarray:
+    """Image -> array in the wire layout: (H, W) for one channel, (H, W, C) otherwise; channel order untouched.
+
+    Row padding (`step` > width * bytes per pixel) is removed. Big-endian 16UC1/32FC1 are byte-swapped to native.
+    The result is a fresh array (it does not alias the message buffer).
+    """
+    enc = msg.encoding
+    if enc not in IMAGE_ENCODINGS:
+        raise InputError(
+            f"Unsupported image encoding {enc!r} (topic frame {msg.header.frame_id!r}); "
+            f"supported: {', '.join(IMAGE_ENCODINGS)}."
+        )
+    dtype, channels = IMAGE_ENCODINGS[enc]
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if h <= 0 or w <= 0:
+        raise InputError(f"Got an empty image {w}x{h} (encoding {enc!r}); expected width and height > 0.")
+    row_bytes = w * channels * dtype.itemsize
+    if step < row_bytes:
+        raise InputError(
+            f"Got step={step} for a {w}x{h} {enc} image; expected step >= {row_bytes} (width * pixel bytes)."
+        )
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    if data.size != step * h:
+        raise InputError(
+            f"Got {data.size} data bytes for a {w}x{h} {enc} image with step={step}; "
+            f"expected step * height = {step * h}."
+        )
+    rows = data.reshape(h, step)[:, :row_bytes]
+    wire = dtype.newbyteorder(">") if (msg.is_bigendian and dtype.itemsize > 1) else dtype
+    arr = np.ascontiguousarray(rows).view(wire).reshape((h, w, channels) if channels > 1 else (h, w))
+    return arr.astype(dtype, copy=True)
+
+
+def image_to_rgb(msg: Image) -> np.ndarray:
+    """A colour or mono8 Image -> RGB uint8 (H, W, 3). Alpha is dropped, BGR is reordered, mono is replicated."""
+    if msg.encoding not in COLOR_ENCODINGS:
+        raise InputError(
+            f"Got encoding {msg.encoding!r} for a colour image; expected one of {', '.join(COLOR_ENCODINGS)}."
+        )
+    arr = image_to_numpy(msg)
+    enc = msg.encoding
+    if enc == "mono8":
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if enc in ("bgr8", "bgra8"):
+        return np.ascontiguousarray(arr[:, :, 2::-1])
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def image_to_depth(msg: Image) -> np.ndarray:
+    """A depth Image -> float32 metres (H, W). 16UC1 millimetres: 0 (no return) becomes NaN. 32FC1 is copied as is."""
+    if msg.encoding not in DEPTH_ENCODINGS:
+        raise InputError(
+            f"Got encoding {msg.encoding!r} for a depth image; expected one of {', '.join(DEPTH_ENCODINGS)}."
+        )
+    arr = image_to_numpy(msg)
+    if msg.encoding == "16UC1":
+        depth = arr.astype(np.float32) * np.float32(1e-3)
+        depth[arr == 0] = np.nan
+        return depth
+    return arr
+
+
+def numpy_to_image(arr: np.ndarray, encoding: str, stamp: float | Time = 0.0, frame_id: str = "") -> Image:
+    """Array -> Image (little endian, no row padding).
+
+    - rgb8/bgr8/rgba8/bgra8/mono8: `arr` is uint8 (H, W, C) already in that channel order ((H, W) for mono8).
+    - 16UC1: `arr` is uint16 millimetres, or float metres (converted: round(m * 1000), NaN/Inf/<=0 -> 0).
+    - 32FC1: `arr` is float metres.
+    """
+    if encoding not in IMAGE_ENCODINGS:
+        raise InputError(f"Unsupported image encoding {encoding!r}; supported: {', '.join(IMAGE_ENCODINGS)}.")
+    dtype, channels = IMAGE_ENCODINGS[encoding]
+    arr = np.asarray(arr)
+    expected_ndim = 2 if channels == 1 else 3
+    if arr.ndim == 3 and channels == 1 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim != expected_ndim or (channels > 1 and arr.shape[2] != channels):
+        want = "(H, W)" if channels == 1 else f"(H, W, {channels})"
+        raise InputError(f"Got an array of shape {arr.shape} for encoding {encoding!r}; expected {want}.")
+    if encoding == "16UC1" and arr.dtype.kind == "f":
+        mm = np.where(np.isfinite(arr) & (arr > 0), np.round(arr * 1000.0), 0.0)
+        if mm.max(initial=0.0) > np.iinfo(np.uint16).max:
+            raise InputError(
+                f"Depth up to {float(np.nanmax(arr)):.3f} m does not fit 16UC1 millimetres (max 65.535 m)."
+            )
+        arr = mm.astype(np.uint16)
+    elif encoding != "16UC1" and encoding != "32FC1" and arr.dtype != np.uint8:
+        raise InputError(f"Got dtype {arr.dtype} for encoding {encoding!r}; expected uint8.")
+    elif encoding == "16UC1" and arr.dtype != np.uint16:
+        raise InputError(f"Got dtype {arr.dtype} for encoding '16UC1'; expected uint16 millimetres or float metres.")
+    arr = np.ascontiguousarray(arr, dtype=dtype.newbyteorder("<"))
+    msg = Image()
+    msg.header.stamp = stamp if isinstance(stamp, Time) else sec_to_stamp(stamp)
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = int(arr.shape[0]), int(arr.shape[1])
+    msg.encoding = encoding
+    msg.is_bigendian = 0
+    msg.step = int(arr.shape[1] * channels * dtype.itemsize)
+    msg.data = arr.tobytes()
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------------- CameraInfo
+
+
+def camera_info_to_K(msg: CameraInfo, image_size: tuple[int, int] | None = None) -> np.ndarray:
+    """CameraInfo -> K (3, 3) float64 in pixels of the image it describes.
+
+    `image_size` = (width, height) of the image the K will be used with; it must equal the CameraInfo's size
+    (a K for another resolution would put every ray in the wrong place).
+    """
+    K = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
+    where = f"CameraInfo (frame {msg.header.frame_id!r})"
+    if not np.all(np.isfinite(K)) or K[0, 0] <= 0 or K[1, 1] <= 0 or K[2, 2] != 1.0:
+        raise InputError(f"Got K={K.ravel().tolist()} in {where}; expected finite fx, fy > 0 and K[2,2] = 1.")
+    if msg.width <= 0 or msg.height <= 0:
+        raise InputError(f"Got size {msg.width}x{msg.height} in {where}; expected width and height > 0.")
+    if image_size is not None and (int(image_size[0]), int(image_size[1])) != (msg.width, msg.height):
+        raise InputError(
+            f"Image size {image_size[0]}x{image_size[1]} does not match {where} size {msg.width}x{msg.height}."
+        )
+    return K
+
+
+def K_to_camera_info(
+    K: np.ndarray, width: int, height: int, stamp: float | Time = 0.0, frame_id: str = ""
+) -> CameraInfo:
+    """K (3, 3) + size -> CameraInfo (plumb_bob with zero distortion, P = [K | 0])."""
+    K = np.asarray(K, dtype=np.float64)
+    if K.shape != (3, 3):
+        raise InputError(f"Got K of shape {K.shape}; expected (3, 3).")
+    msg = CameraInfo()
+    msg.header.stamp = stamp if isinstance(stamp, Time) else sec_to_stamp(stamp)
+    msg.header.frame_id = frame_id
+    msg.width, msg.height = int(width), int(height)
+    msg.distortion_model = "plumb_bob"
+    msg.d = [0.0] * 5
+    msg.k = K.ravel().tolist()
+    msg.r = np.eye(3).ravel().tolist()
+    P = np.zeros((3, 4))
+    P[:, :3] = K
+    msg.p = P.ravel().tolist()
+    return msg
+
+
+# --------------------------------------------------------------------------------------------------- PointCloud2
+
+
+def _field_dtype(field: PointField, where: str) -> np.dtype:
+    if field.datatype not in POINTFIELD_DTYPES:
+        raise InputError(f"Got datatype {field.datatype} for field {field.name!r} in {where}; expected 1..8.")
+    if field.count != 1:
+        raise InputError(f"Got count {field.count} for field {field.name!r} in {where}; expected 1.")
+    return POINTFIELD_DTYPES[field.datatype]
+
+
+def pointcloud2_to_array(msg: PointCloud2, skip_nans: bool = True) -> np.ndarray:
+    """PointCloud2 -> structured array of CLOUD_DTYPE (N,) (x, y, z float32 metres; rgb packed float32).
+
+    Reads any layout that has x, y, z (float32 or float64, any offsets, any extra fields, padded rows). Colour comes
+    from an `rgb` or `rgba` field (float32 or uint32 packing 0x00RRGGBB); without one, rgb is 0 (black).
+    Points with a non-finite coordinate are dropped when `skip_nans` (organised clouds mark holes with NaN).
+    Only little-endian clouds are accepted (`is_bigendian` must be false).
+    """
+    where = f"PointCloud2 (frame {msg.header.frame_id!r})"
+    if msg.is_bigendian:
+        raise InputError(f"Got is_bigendian=true in {where}; only little-endian clouds are supported.")
+    fields = {f.name: f for f in msg.fields}
+    missing = [n for n in ("x", "y", "z") if n not in fields]
+    if missing:
+        raise InputError(f"{where} lacks field(s) {', '.join(missing)}; has {', '.join(fields) or 'none'}.")
+    color_name = "rgb" if "rgb" in fields else ("rgba" if "rgba" in fields else None)
+    names = ["x", "y", "z"] + ([color_name] if color_name else [])
+    dtypes = [_field_dtype(fields[n], where) for n in names]
+    for n, dt in zip(names, dtypes, strict=True):
+        if n in "xyz" and dt.kind != "f":
+            raise InputError(f"Got datatype {dt} for field {n!r} in {where}; expected float32 or float64.")
+        if n == color_name and dt.itemsize != 4:
+            raise InputError(f"Got datatype {dt} for field {n!r} in {where}; expected a 4-byte packed colour.")
+        if fields[n].offset + dt.itemsize > msg.point_step:
+            raise InputError(
+                f"Field {n!r} at offset {fields[n].offset} ({dt}) overruns point_step={msg.point_step} in {where}."
+            )
+    h, w, point_step, row_step = int(msg.height), int(msg.width), int(msg.point_step), int(msg.row_step)
+    if row_step < w * point_step:
+        raise InputError(f"Got row_step={row_step} in {where}; expected >= width * point_step = {w * point_step}.")
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    if data.size != row_step * h:
+        raise InputError(f"Got {data.size} data bytes in {where}; expected row_step * height = {row_step * h}.")
+    if h * w == 0:
+        return np.zeros(0, CLOUD_DTYPE)
+    rows = np.ascontiguousarray(data.reshape(h, row_step)[:, : w * point_step])
+    view_dtype = np.dtype(
+        {
+            "names": names,
+            "formats": [dt if n in "xyz" else np.dtype("<u4") for n, dt in zip(names, dtypes, strict=True)],
+            "offsets": [fields[n].offset for n in names],
+            "itemsize": point_step,
+        }
+    )
+    src = rows.view(view_dtype).reshape(-1)
+    out = np.empty(src.shape[0], CLOUD_DTYPE)
+    for n in ("x", "y", "z"):
+        out[n] = src[n]
+    if color_name:
+        out["rgb"] = (src[color_name] & np.uint32(0x00FFFFFF)).view(np.float32)
+    else:
+        out["rgb"] = 0.0
+    if skip_nans:
+        ok = np.isfinite(out["x"]) & np.isfinite(out["y"]) & np.isfinite(out["z"])
+        if not ok.all():
+            out = out[ok]
+    return out
+
+
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 RGB -> (N,) float32 holding 0x00RRGGBB bit-for-bit (PCL/RViz packing)."""
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    packed = (rgb[:, 0].astype(np.uint32) << 16) | (rgb[:, 1].astype(np.uint32) << 8) | rgb[:, 2].astype(np.uint32)
+    return packed.view(np.float32)
+
+
+def unpack_rgb(packed: np.ndarray) -> np.ndarray:
+    """(N,) float32 packed colours -> (N, 3) uint8 RGB."""
+    u = np.ascontiguousarray(packed, dtype=np.float32).view(np.uint32)
+    return np.stack([(u >> 16) & 0xFF, (u >> 8) & 0xFF, u & 0xFF], axis=1).astype(np.uint8)
+
+
+def pointcloud2_to_xyz_rgb(msg: PointCloud2, skip_nans: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """PointCloud2 -> (xyz (N, 3) float32 metres, rgb (N, 3) uint8 or None when the cloud has no colour field)."""
+    has_color = any(f.name in ("rgb", "rgba") for f in msg.fields)
+    arr = pointcloud2_to_array(msg, skip_nans=skip_nans)
+    xyz = np.stack([arr["x"], arr["y"], arr["z"]], axis=1)
+    return xyz, (unpack_rgb(arr["rgb"]) if has_color else None)
+
+
+def array_to_pointcloud2(
+    xyz: np.ndarray, rgb: np.ndarray | None = None, stamp: float | Time = 0.0, frame_id: str = "map"
+) -> PointCloud2:
+    """xyz (N, 3) metres [+ rgb (N, 3) uint8] -> unorganised PointCloud2 (height 1, dense, little endian).
+
+    Fields: x, y, z float32 at offsets 0, 4, 8 and, with colour, rgb float32 at 12 (point_step 16 or 12).
+    """
+    xyz = np.asarray(xyz)
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        raise InputError(f"Got xyz of shape {xyz.shape}; expected (N, 3).")
+    if rgb is not None:
+        rgb = np.asarray(rgb)
+        if rgb.shape != xyz.shape:
+            raise InputError(f"Got rgb of shape {rgb.shape} for xyz of shape {xyz.shape}; expected equal shapes.")
+    n = xyz.shape[0]
+    names = ["x", "y", "z"] + (["rgb"] if rgb is not None else [])
+    arr = np.empty(n, np.dtype([(nm, "<f4") for nm in names]))
+    arr["x"], arr["y"], arr["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    if rgb is not None:
+        arr["rgb"] = pack_rgb(rgb)
+    msg = PointCloud2()
+    msg.header.stamp = stamp if isinstance(stamp, Time) else sec_to_stamp(stamp)
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = 1, n
+    msg.fields = [PointField(name=nm, offset=4 * i, datatype=PointField.FLOAT32, count=1) for i, nm in enumerate(names)]
+    msg.is_bigendian = False
+    msg.point_step = arr.dtype.itemsize
+    msg.row_step = msg.point_step * n
+    msg.is_dense = bool(np.isfinite(xyz).all())
+    msg.data = arr.tobytes()
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+
+
+def transform_from_msg(msg: TransformStamped) -> tuple[str, str, float, np.ndarray, np.ndarray]:
+    """TransformStamped -> (parent, child, stamp seconds, t (3,) float64 metres, q (4,) float64 xyzw, unit norm).
+
+    Refuses empty or equal frame ids, non-finite translations, and NaN/Inf or non-normalised quaternions
+    (|‖q‖ - 1| > 1e-3, as a zero or garbage rotation must never become a pose); small drift is renormalised.
+    """
+    parent = msg.header.frame_id.lstrip("/")
+    child = msg.child_frame_id.lstrip("/")
+    stamp = stamp_to_sec(msg.header.stamp)
+    if not parent or not child or parent == child:
+        raise InputError(
+            f"Got parent {parent!r} and child {child!r} in a TransformStamped; expected two distinct names."
+        )
+    tr, ro = msg.transform.translation, msg.transform.rotation
+    t = np.array([tr.x, tr.y, tr.z], dtype=np.float64)
+    q = np.array([ro.x, ro.y, ro.z, ro.w], dtype=np.float64)
+    if not np.all(np.isfinite(t)):
+        raise InputError(
+            f"Got translation {t.tolist()} for {parent} -> {child} at {stamp:.9f}; expected finite values."
+        )
+    norm = float(np.linalg.norm(q)) if np.all(np.isfinite(q)) else float("nan")
+    if not np.isfinite(norm) or abs(norm - 1.0) > QUATERNION_NORM_TOLERANCE:
+        raise InputError(
+            f"Got quaternion {q.tolist()} (norm {norm}) for {parent} -> {child} at {stamp:.9f}; "
+            f"expected a finite unit quaternion (|norm - 1| <= {QUATERNION_NORM_TOLERANCE})."
+        )
+    return parent, child, stamp, t, q / norm
+
+
+def transform_to_msg(parent: str, child: str, stamp: float | Time, t: np.ndarray, q: np.ndarray) -> TransformStamped:
+    """(parent, child, stamp, t (3,), q (4,) xyzw) -> TransformStamped (T_parent_child)."""
+    msg = TransformStamped()
+    msg.header.stamp = stamp if isinstance(stamp, Time) else sec_to_stamp(stamp)
+    msg.header.frame_id = parent
+    msg.child_frame_id = child
+    tr, ro = msg.transform.translation, msg.transform.rotation
+    tr.x, tr.y, tr.z = (float(v) for v in t)
+    ro.x, ro.y, ro.z, ro.w = (float(v) for v in q)
+    return msg
