@@ -1,0 +1,44 @@
+"""ros2 launch stllm_ros reasoning.launch.py [model:=...] [image_topic:=...] [params_file:=...] [bag:=...]
+
+The same nodes and parameters as `stllm-run` (stllm_ros/stack.py is the one description of both). Launch arguments left
+empty keep the value from the parameters file (config/reasoner.yaml)."""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch_ros.actions import LifecycleNode, Node
+
+from stllm_ros.stack import LAUNCH_ARGUMENTS, NODES, default_params_file
+
+
+def _nodes(context):
+    get = context.perform_substitution
+    from launch.substitutions import LaunchConfiguration
+
+    bag = get(LaunchConfiguration("bag"))
+    use_sim_time = bool(bag) or get(LaunchConfiguration("use_sim_time")).lower() in ("1", "true", "yes")
+    overrides = {"use_sim_time": use_sim_time}
+    for arg, (param, _help) in LAUNCH_ARGUMENTS.items():
+        value = get(LaunchConfiguration(arg))
+        if value != "":
+            overrides[param] = value
+    actions = [
+        LifecycleNode(
+            package="stllm_ros", executable=spec.executable, name=spec.name, namespace=spec.namespace,
+            parameters=[get(LaunchConfiguration("params_file")), overrides], output="screen",
+        )
+        for spec in NODES
+    ]
+    if bag:
+        actions.append(Node(package="stllm_ros", executable="stllm-play", arguments=[bag, "--clock"], output="screen"))
+    return actions
+
+
+def generate_launch_description():
+    args = [
+        DeclareLaunchArgument("params_file", default_value=str(default_params_file()), description="parameters YAML"),
+        DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock (true when bag is set)"),
+        DeclareLaunchArgument("bag", default_value="", description="a rosbag2 bag to replay with stllm-play (optional)"),
+    ]
+    for arg, (_param, help_text) in LAUNCH_ARGUMENTS.items():
+        args.append(DeclareLaunchArgument(arg, default_value="", description=f"{help_text} (empty = params file)"))
+    return LaunchDescription([*args, OpaqueFunction(function=_nodes)])

@@ -1,0 +1,172 @@
+"""The reasoning service: /stllm/reasoner, a lifecycle node serving stllm_ros/srv/AskSTLLM.
+
+configure: reads parameters, loads the model (a failure leaves the node unconfigured and says why), starts perception
+(image, camera_info, depth, points, /tf, /tf_static -> frame buffer and scene map, hosted in this process so clips are
+taken without copies over DDS). activate: questions are answered. `autostart` (default true) configures and activates at
+start, as nav2's lifecycle manager does. The service exists in every state; outside `active` it answers
+`success: false` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+
+import rclpy
+from builtin_interfaces.msg import Time
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from std_msgs.msg import String
+
+from stllm_core.reasoning.config import HELP, ReasonerConfig
+from stllm_core.reasoning.reasoner import Reasoner, Result
+from stllm_ros.msg import Answer
+from stllm_ros.params import declare_config, guard_config, read_config
+from stllm_ros.perception import Perception, PerceptionConfig
+from stllm_ros.srv import AskSTLLM
+
+
+def to_time(seconds: float) -> Time:
+    if not math.isfinite(seconds) or seconds <= 0:
+        return Time()
+    sec = int(seconds)
+    return Time(sec=sec, nanosec=min(int(round((seconds - sec) * 1e9)), 999_999_999))
+
+
+class ReasonerNode(LifecycleNode):
+    def __init__(self, **kwargs):
+        super().__init__("reasoner", namespace="stllm", **kwargs)
+        declare_config(self, ReasonerConfig, help=HELP)
+        declare_config(self, PerceptionConfig, prefix="perception.")
+        self.declare_parameter("autostart", True)
+        guard_config(self, ReasonerConfig)
+        guard_config(self, PerceptionConfig, prefix="perception.")
+        self.config = read_config(self, ReasonerConfig)
+        self.reasoner: Reasoner | None = None
+        self.perception: Perception | None = None
+        self._not_ready = "the reasoner is not configured yet (no model is loaded)"
+        self._active = False
+        self._lock = threading.Lock()
+        self.sensor_group = MutuallyExclusiveCallbackGroup()
+        self.service = self.create_service(
+            AskSTLLM, self.config.service_name, self._on_ask, callback_group=ReentrantCallbackGroup()
+        )
+        self.answers = self.create_publisher(Answer, self.config.answers_topic, 10)
+        self.partial = self.create_publisher(String, self.config.partial_topic, 10)
+
+    # lifecycle ----------------------------------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        from stllm_core.reasoning.pipeline import AnswerPipeline
+
+        try:
+            self.config = read_config(self, ReasonerConfig)
+            pcfg = read_config(self, PerceptionConfig, prefix="perception.")
+            self.get_logger().info(f"loading model {self.config.model!r} ({self.config.backend}, {self.config.device})")
+            pipeline = AnswerPipeline.load(
+                model=self.config.model,
+                device=self.config.device,
+                dtype=self.config.dtype,
+                backend=self.config.backend,
+                seed=self.config.seed,
+                temperature=self.config.temperature,
+                top_p=self.config.top_p,
+            )
+        except Exception as e:  # a wrong path/file must leave the node up and say why
+            self._not_ready = f"the model failed to load: {e}"
+            self.get_logger().error(self._not_ready)
+            return TransitionCallbackReturn.FAILURE
+        if self.perception is None:
+            self.perception = Perception(self, pcfg)
+        self.reasoner = Reasoner(self.config, pipeline, self._clip)
+        self.get_logger().info(
+            f"model {self.config.model!r} ready: {self.reasoner.num_frames} frames per question; "
+            f"service {self.config.service_name}"
+        )
+        self._not_ready = "the reasoner is configured but not active (activate it to answer)"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = True
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = False
+        self._not_ready = "the reasoner is inactive (activate it to answer)"
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = False
+        if self.reasoner is not None:
+            self.reasoner.close()
+            self.reasoner = None
+        self._not_ready = "the reasoner is not configured (no model is loaded)"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.on_cleanup(state)
+        if self.perception is not None:
+            self.perception.close()
+        return TransitionCallbackReturn.SUCCESS
+
+    # service ------------------------------------------------------------------------------------------------------
+    def _clip(self, window_sec: float, num_frames: int, strategy: str):
+        assert self.perception is not None
+        return self.perception.clip(window_sec, num_frames, strategy)
+
+    def _on_ask(self, request: AskSTLLM.Request, response: AskSTLLM.Response) -> AskSTLLM.Response:
+        reasoner = self.reasoner
+        if not self._active or reasoner is None:
+            result = Result(False, error=self._not_ready)
+        else:
+            on_text = None
+            if self.config.stream_partial:
+                def on_text(text: str) -> None:
+                    self.partial.publish(String(data=text))
+
+            result = reasoner.ask(request.question, float(request.window_sec), int(request.max_new_tokens), on_text)
+        for name in ("success", "answer", "error", "num_frames", "num_points", "num_tokens"):
+            setattr(response, name, getattr(result, name))
+        for name in ("encode_ms", "prefill_ms", "decode_ms"):
+            setattr(response, name, float(getattr(result, name)))
+        response.clip_start = to_time(result.clip_start)
+        response.clip_end = to_time(result.clip_end)
+        if result.success:
+            msg = Answer(stamp=self.get_clock().now().to_msg(), question=request.question, answer=result.answer)
+            for name in ("clip_start", "clip_end", "num_frames", "num_points", "encode_ms", "prefill_ms",
+                         "decode_ms", "num_tokens"):
+                setattr(msg, name, getattr(response, name))
+            self.answers.publish(msg)
+            self.get_logger().info(f"Q: {request.question!r} -> A: {result.answer!r} ({result.num_tokens} tokens)")
+        else:
+            self.get_logger().warn(f"refused {request.question[:80]!r}: {result.error}")
+        return response
+
+
+def main(args=None) -> int:
+    rclpy.init(args=args)
+    node = ReasonerNode()
+    executor = MultiThreadedExecutor(num_threads=node.config.queue_size + 4)
+    executor.add_node(node)
+    try:
+        if node.get_parameter("autostart").value:
+            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                node.trigger_activate()
+        node.get_logger().info("stllm reasoner up")
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        if node.reasoner is not None:
+            node.reasoner.close()
+        if node.perception is not None:
+            node.perception.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
