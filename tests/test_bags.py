@@ -1,0 +1,229 @@
+"""Clip -> rosbag2 -> read back (stllm_core.data.bags, rosbags only, no rclpy); real rosbag2 bags; corrupt bags."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from stllm_core.data.bags import (
+    R_LINK_OPTICAL,
+    BagReader,
+    BagWriterConfig,
+    bag_info,
+    clip_to_bag,
+    pack_rgb,
+    qa_path_for,
+    read_bag_clip,
+    read_messages,
+    unpack_rgb,
+    write_bag,
+)
+from stllm_core.errors import ConfigError, DataError
+from stllm_core.types import Frame, Scene
+
+EXTERNAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "external" / "rosbag2_bags"
+if not EXTERNAL.is_dir():
+    EXTERNAL = Path("/work/shared/data/external/rosbag2_bags")
+REAL_BAGS = sorted(p.name for p in EXTERNAL.glob("*_*") if p.is_dir()) if EXTERNAL.is_dir() else []
+K = np.array([[60.0, 0.0, 15.5], [0.0, 58.0, 11.5], [0.0, 0.0, 1.0]])
+
+
+def make_frames(n: int = 8, fps: float = 10.0, size=(24, 32), seed: int = 0, depth: bool = True) -> list[Frame]:
+    rng = np.random.default_rng(seed)
+    frames = []
+    for i in range(n):
+        T = np.eye(4)
+        T[:3, :3] = Rotation.random(random_state=seed * 100 + i).as_matrix()
+        T[:3, 3] = rng.normal(scale=2.0, size=3)
+        d = None
+        if depth:
+            d = (rng.integers(300, 5000, size=size) / 1000.0).astype(np.float32)  # whole millimetres
+            d[0, :3] = np.nan  # invalid pixels
+        img = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+        frames.append(Frame(stamp=5.0 + i / fps, image=img, K=K.copy(), T_world_cam=T, depth=d))
+    return frames
+
+
+def make_scene(n: int = 200, seed: int = 0) -> Scene:
+    rng = np.random.default_rng(seed)
+    return Scene(rng.normal(size=(n, 3)).astype(np.float32), rng.integers(0, 256, (n, 3), dtype=np.uint8))
+
+
+def assert_same_frames(src: list[Frame], got, depth_exact: bool = True) -> None:
+    assert len(got) == len(src)
+    for i, (a, b) in enumerate(zip(src, got)):
+        np.testing.assert_array_equal(b.image, a.image, err_msg=f"frame {i}")
+        np.testing.assert_allclose(b.T_world_cam, a.T_world_cam, rtol=0, atol=1e-6, err_msg=f"pose {i}")
+        np.testing.assert_array_equal(b.K, a.K)
+        # stamps relative to the first frame (absolute float seconds near 1.7e9 carry ~0.2 us of rounding)
+        assert abs((b.stamp - got[0].stamp) - (a.stamp - src[0].stamp)) < 1e-6
+        if a.depth is None:
+            assert b.depth is None
+        elif depth_exact:
+            np.testing.assert_array_equal(b.depth, a.depth)
+        else:
+            np.testing.assert_allclose(b.depth, a.depth, rtol=0, atol=5e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("storage,depth_encoding", [("mcap", "32FC1"), ("sqlite3", "16UC1")])
+def test_round_trip_frames_poses_intrinsics_depth_scene(tmp_path, storage, depth_encoding):
+    frames, scene = make_frames(), make_scene()
+    cfg = BagWriterConfig(storage=storage, depth_encoding=depth_encoding, start_time_ns=1_600_000_000_123_456_789)
+    info = write_bag(tmp_path / "bag", frames, scene, cfg)
+
+    assert info.storage == storage
+    assert (tmp_path / "bag" / "metadata.yaml").exists()
+    assert info.message_count == 2 + 4 * len(frames)
+    assert info.start_ns == cfg.start_time_ns
+    assert info.end_ns == cfg.start_time_ns + 700_000_000  # 8 frames at 10 fps
+    counts = {t.name: t.count for t in info.topics}
+    assert counts == {"/tf_static": 1, "/scene/points": 1, "/tf": 8, "/camera/color/camera_info": 8,
+                      "/camera/color/image_raw": 8, "/camera/depth/image_raw": 8}
+    assert {t.name for t in info.topics if t.latched} == {"/tf_static", "/scene/points"}
+
+    clip = read_bag_clip(tmp_path / "bag")
+    assert_same_frames(frames, clip.frames, depth_exact=depth_encoding == "32FC1")
+    assert clip.frames[0].stamp == pytest.approx(1_600_000_000.123456789, abs=1e-6)
+    np.testing.assert_array_equal(clip.scene.points, scene.points)
+    np.testing.assert_array_equal(clip.scene.colors, scene.colors)
+    assert clip.scene.frame_id == "map"
+
+
+def test_tf_conventions_rep105(tmp_path):
+    """A camera looking along map +x with its image up = map +z is camera_link == map (REP-103 body axes)."""
+    T = np.eye(4)
+    T[:3, :3] = R_LINK_OPTICAL  # optical z (forward) = map x, optical x (right) = map -y, optical y (down) = map -z
+    T[:3, 3] = [1.0, 2.0, 3.0]
+    f = make_frames(1, depth=False)[0]
+    write_bag(tmp_path / "b", [Frame(f.stamp, f.image, f.K, T)], None, BagWriterConfig())
+    msgs = {m.topic: msg for m, msg in BagReader(tmp_path / "b").decoded()}
+    (tf,) = msgs["/tf"].transforms
+    assert (tf.header.frame_id, tf.child_frame_id) == ("map", "camera_link")
+    r, t = tf.transform.rotation, tf.transform.translation
+    np.testing.assert_allclose([r.x, r.y, r.z, abs(r.w)], [0, 0, 0, 1], atol=1e-12)
+    np.testing.assert_allclose([t.x, t.y, t.z], [1, 2, 3])
+    (st,) = msgs["/tf_static"].transforms
+    assert (st.header.frame_id, st.child_frame_id) == ("camera_link", "camera_color_optical_frame")
+    q = st.transform.rotation
+    np.testing.assert_allclose([q.x, q.y, q.z, q.w], [-0.5, 0.5, -0.5, 0.5], atol=1e-12)
+    img = msgs["/camera/color/image_raw"]
+    assert (img.encoding, img.header.frame_id, img.step) == ("rgb8", "camera_color_optical_frame", 32 * 3)
+    info = msgs["/camera/color/camera_info"]
+    np.testing.assert_array_equal(np.asarray(info.p).reshape(3, 4)[:, :3], K)
+    assert "/scene/points" not in msgs and "/camera/depth/image_raw" not in msgs
+
+
+def test_rgb_packing_is_pcl_layout():
+    rgb = np.array([[255, 0, 0], [1, 2, 3], [0, 0, 255]], np.uint8)
+    packed = pack_rgb(rgb)
+    assert packed.dtype == np.float32
+    assert packed.view(np.uint32).tolist() == [0xFF0000, 0x010203, 0x0000FF]
+    np.testing.assert_array_equal(unpack_rgb(packed), rgb)
+
+
+def test_clip_folder_to_bag_and_back(tmp_path):
+    from stllm_core.data.clip_folder import ClipFolder, write_clip_folder
+
+    frames, scene = make_frames(6, fps=15.0), make_scene(50)
+    clip_dir = write_clip_folder(tmp_path / "clip", frames, scene, fps=15.0, image_format="png")
+    qa = [{"id": "q0", "conversations": [{"from": "human", "value": "<image>\nWhere is the mug?"}]}]
+    (clip_dir / "qa.json").write_text(json.dumps(qa))
+    folder = ClipFolder.read(clip_dir)
+
+    info = clip_to_bag(clip_dir, tmp_path / "out" / "clip_bag")
+    assert info.topic("/camera/color/image_raw").count == 6
+    assert json.loads(qa_path_for(tmp_path / "out" / "clip_bag").read_text()) == qa
+    back = read_bag_clip(tmp_path / "out" / "clip_bag")
+    src = [folder.load_frame(i, with_depth=True) for i in range(len(folder))]
+    assert_same_frames(src, back.frames)
+    np.testing.assert_array_equal(back.scene.points, folder.points[0])
+
+    # --fps overrides the clip's stamps; the bag refuses to overwrite unless asked
+    with pytest.raises(DataError, match="already exists"):
+        clip_to_bag(clip_dir, tmp_path / "out" / "clip_bag")
+    info = clip_to_bag(clip_dir, tmp_path / "out" / "clip_bag", BagWriterConfig(overwrite=True, storage="sqlite3"),
+                       fps=2.0)
+    assert info.storage == "sqlite3" and info.duration_sec == pytest.approx(2.5)
+
+
+def test_bad_frames_are_refused_and_leave_no_bag(tmp_path):
+    frames = make_frames(3, depth=False)
+    bad = np.array(frames[1].T_world_cam)
+    bad[0, 0] = np.nan
+    with pytest.raises(DataError, match=r"of frame 1 .*non-finite"):
+        write_bag(tmp_path / "nan", [frames[0], Frame(frames[1].stamp, frames[1].image, K, bad)])
+    assert not (tmp_path / "nan").exists()
+    sheared = np.array(frames[1].T_world_cam)
+    sheared[:3, :3] *= 1.1
+    with pytest.raises(DataError, match="of frame 1 is not a rigid"):
+        write_bag(tmp_path / "shear", [frames[0], Frame(frames[1].stamp, frames[1].image, K, sheared)])
+    with pytest.raises(DataError, match="strictly increasing"):
+        write_bag(tmp_path / "order", [frames[1], frames[0]])
+    with pytest.raises(DataError, match="no frames"):
+        write_bag(tmp_path / "empty", [])
+    with pytest.raises(ConfigError, match="storage"):
+        BagWriterConfig(storage="rosbag1")
+    with pytest.raises(ConfigError, match="image_topic"):
+        BagWriterConfig(image_topic="camera")
+
+
+@pytest.mark.skipif(not REAL_BAGS, reason="shared/data/external/rosbag2_bags not present")
+@pytest.mark.parametrize("name", REAL_BAGS)
+def test_real_rosbag2_bags_read(name):
+    """Bags written by rosbag2 itself (and by the mcap CLI): every announced message is read, in log-time order."""
+    path = EXTERNAL / name
+    reader = BagReader(path)
+    meta_counts = {t.name: t.count for t in reader.info.topics}
+    msgs = list(reader.messages())
+    assert len(msgs) == reader.info.message_count == sum(meta_counts.values()) > 0
+    stamps = [m.stamp_ns for m in msgs]
+    assert stamps == sorted(stamps)
+    assert (stamps[0], stamps[-1]) == (reader.info.start_ns, reader.info.end_ns)
+    decoded = list(reader.decoded())
+    # test_msgs service events are not in the Kilted typestore: skipped and counted, everything else decodes
+    assert len(decoded) + sum(reader.skipped.values()) == len(msgs)
+    assert set(reader.skipped) <= {"test_msgs/srv/BasicTypes_Event"}
+    if name.startswith("talker"):
+        texts = [msg.data for m, msg in decoded if m.topic == "/topic"]
+        assert texts == [f"Hello, world! {i}" for i in range(10)]
+        assert [m.topic for m in read_messages(path, topics=["/topic"])] == ["/topic"] * 10
+    if name.startswith("bag_with_topics"):
+        assert reader.skipped["test_msgs/srv/BasicTypes_Event"] == 8
+
+
+def _truncated_copy(src: Path, dst: Path, fraction: float) -> Path:
+    shutil.copytree(src, dst)
+    os.chmod(dst, 0o755)
+    for f in dst.iterdir():
+        os.chmod(f, 0o644)
+    (storage,) = [f for f in dst.iterdir() if f.suffix in (".mcap", ".db3")]
+    with open(storage, "r+b") as fh:
+        fh.truncate(int(storage.stat().st_size * fraction))
+    return dst
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_truncated_bag_raises_data_error_naming_the_bag(tmp_path, storage):
+    write_bag(tmp_path / "good", make_frames(4), make_scene(), BagWriterConfig(storage=storage))
+    bad = _truncated_copy(tmp_path / "good", tmp_path / "bad", 0.5)
+    with pytest.raises(DataError, match=r"Cannot read bag .*bad.*truncated, corrupt"):
+        list(BagReader(bad).messages())
+
+
+@pytest.mark.skipif(not REAL_BAGS, reason="shared/data/external/rosbag2_bags not present")
+def test_truncated_real_bag_and_garbage_files(tmp_path):
+    bad = _truncated_copy(EXTERNAL / "talker_mcap", tmp_path / "talker_bad", 0.7)
+    with pytest.raises(DataError, match="talker_bad"):
+        bag_info(bad)
+    garbage = tmp_path / "garbage.mcap"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError, match="garbage.mcap"):
+        bag_info(garbage)
+    with pytest.raises(DataError, match="does not exist"):
+        bag_info(tmp_path / "nope")
