@@ -11,7 +11,7 @@ from stllm_core.errors import InputError
 from stllm_core.model import build_tiny, random_clip
 from stllm_core.model.processing import select_frame_indices, voxelize
 from stllm_core.model.prompt import PREFIX_TOKEN, stop_token_ids, time_instruction
-from stllm_core.types import Clip, Frame, Scene
+from stllm_core.types import Clip, Scene
 
 
 @pytest.fixture(scope="module")

@@ -139,6 +139,7 @@ def test_encodings_invariant_to_global_rigid_transform():
         torch.testing.assert_close(model.get_prefix_embeds(b), model.get_prefix_embeds(a), rtol=0, atol=1e-4)
     # and the encodings do depend on the relative motion: moving only the second camera changes them
     frames = list(clip.frames)
-    frames[1] = Frame(frames[1].stamp, frames[1].image, frames[1].K, frames[1].T_world_cam @ rigid([0, 0.5, 0], [0] * 3))
+    f1 = frames[1]
+    frames[1] = Frame(f1.stamp, f1.image, f1.K, f1.T_world_cam @ rigid([0, 0.5, 0], [0] * 3))
     c = processor("Where is the mug?", Clip(tuple(frames), clip.scene))
     assert not torch.allclose(c.patch_dirs[0, 1], a.patch_dirs[0, 1], atol=1e-3)
