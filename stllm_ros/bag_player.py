@@ -125,6 +125,7 @@ class BagPlayer:
             qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
             self.publishers[t.name] = node.create_publisher(cls, config.remap.get(t.name, t.name), qos)
+        self.stats = PlayStats()
         self.clock_pub = None
         self._last_clock_ns = 0
         if config.clock:
@@ -157,7 +158,7 @@ class BagPlayer:
     def play(self, stop: threading.Event | None = None) -> PlayStats:
         stop = stop or threading.Event()
         cfg = self.config
-        stats = PlayStats()
+        stats = self.stats = PlayStats()  # updated live: other threads may read it while playing
         t_start = time.monotonic()
         start_ns = self.info.start_ns + int(round(cfg.start_offset * 1e9))
         clock_period = 1.0 / cfg.clock_hz

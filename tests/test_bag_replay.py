@@ -142,3 +142,31 @@ def test_bad_bag_exits_2_with_reason(tmp_path):
     with NodeProcess.python("stllm_ros.bag_player", str(tmp_path / "bad.mcap")) as proc:
         assert proc.wait(60) == 2
     assert "bad.mcap" in proc.output and "truncated, corrupt" in proc.output
+
+
+def test_start_offset_keeps_latched_state_and_loop_repeats(tmp_path):
+    """In-process BagPlayer: --start-offset drops earlier messages except latched ones; --loop plays passes again."""
+    from stllm_ros.bag_player import BagPlayer, PlayerConfig
+
+    bag = tmp_path / "b"
+    write_bag(bag, make_frames(10, fps=10.0, depth=False), make_scene(20), BagWriterConfig())  # frames at 0.0..0.9 s
+    with RosTestNode("bag_player_inproc") as ros:
+        stop = threading.Event()
+        cfg = PlayerConfig(bag=str(bag), rate=50.0, start_offset=0.45, remap={"/tf": "/bag/tf"})
+        stats = BagPlayer(ros.node, cfg).play(stop)
+        # frames at 0.5 .. 0.9 s (5 frames x tf, camera_info, image) + /tf_static + /scene/points
+        assert stats.published == {"/tf_static": 1, "/scene/points": 1, "/bag/tf": 5,
+                                   "/camera/color/camera_info": 5, "/camera/color/image_raw": 5}
+        assert stats.loops == 1 and not stats.skipped
+
+        player = BagPlayer(ros.node, PlayerConfig(bag=str(bag), rate=100.0, loop=True, topics=("/tf",)))
+        runner = threading.Thread(target=player.play, args=(stop,))
+        runner.start()
+        try:
+            wait_until(lambda: player.stats.published["/tf"] >= 25, 60, what="three passes of a looping bag")
+        finally:
+            stop.set()
+            runner.join(30)
+        assert not runner.is_alive()
+        assert player.stats.loops >= 2 and player.stats.published["/tf"] >= 25
+        assert set(player.stats.published) == {"/tf"}

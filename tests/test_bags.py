@@ -227,3 +227,58 @@ def test_truncated_real_bag_and_garbage_files(tmp_path):
         bag_info(garbage)
     with pytest.raises(DataError, match="does not exist"):
         bag_info(tmp_path / "nope")
+
+
+def _write_custom_bag(path: Path, tf_stamps_ns, image_stamps_ns, translations) -> None:
+    """A bag with /tf samples and images at different stamps (as a real robot records), written with rosbags."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    from stllm_core.data.bags import T_LINK_OPTICAL, _Msgs
+
+    ts = get_typestore(Stores.ROS2_KILTED)
+    M = _Msgs(ts)
+    img = np.zeros((4, 6, 3), np.uint8)
+    events = [(s, "tf", i) for i, s in enumerate(tf_stamps_ns)] + [(s, "img", i) for i, s in enumerate(image_stamps_ns)]
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        c_static = w.add_connection("/tf_static", "tf2_msgs/msg/TFMessage", typestore=ts)
+        c_tf = w.add_connection("/tf", "tf2_msgs/msg/TFMessage", typestore=ts)
+        c_info = w.add_connection("/camera/color/camera_info", "sensor_msgs/msg/CameraInfo", typestore=ts)
+        c_img = w.add_connection("/camera/color/image_raw", "sensor_msgs/msg/Image", typestore=ts)
+        t0 = min(s for s, _, _ in events)
+        static = M.TFMessage(transforms=[M.transform(t0, "camera_link", "cam_opt", T_LINK_OPTICAL)])
+        w.write(c_static, t0, ts.serialize_cdr(static, "tf2_msgs/msg/TFMessage"))
+        for s, kind, i in sorted(events):
+            if kind == "tf":
+                T = np.eye(4)
+                T[:3, 3] = translations[i]
+                msg = M.TFMessage(transforms=[M.transform(s, "map", "camera_link", T)])
+                w.write(c_tf, s, ts.serialize_cdr(msg, "tf2_msgs/msg/TFMessage"))
+            else:
+                w.write(c_info, s, ts.serialize_cdr(M.camera_info(s, "cam_opt", K, 6, 4), "sensor_msgs/msg/CameraInfo"))
+                w.write(c_img, s, ts.serialize_cdr(M.image(s, "cam_opt", img, "bgr8"), "sensor_msgs/msg/Image"))
+
+
+def test_read_bag_clip_interpolates_tf_and_refuses_extrapolation(tmp_path):
+    s0 = 1_000 * 10**9
+    _write_custom_bag(tmp_path / "interp", [s0, s0 + 10**9], [s0 + 250_000_000, s0 + 10**9],
+                      [(0.0, 0.0, 0.0), (2.0, -4.0, 1.0)])
+    clip = read_bag_clip(tmp_path / "interp")
+    expected = optical_pose_at([0.5, -1.0, 0.25])
+    np.testing.assert_allclose(clip.frames[0].T_world_cam, expected, atol=1e-9)
+    np.testing.assert_allclose(clip.frames[1].T_world_cam[:3, 3], [2.0, -4.0, 1.0], atol=1e-12)
+
+    # an image 0.5 s after the last /tf sample: no silently wrong pose
+    _write_custom_bag(tmp_path / "extra", [s0, s0 + 10**9], [s0 + 1_500_000_000], [(0, 0, 0), (1, 0, 0)])
+    with pytest.raises(DataError, match="extrapolation refused"):
+        read_bag_clip(tmp_path / "extra")
+    with pytest.raises(DataError, match="no image topic /cam"):
+        read_bag_clip(tmp_path / "interp", image_topic="/cam")
+
+
+def optical_pose_at(t) -> np.ndarray:
+    from stllm_core.data.bags import T_LINK_OPTICAL
+
+    T = np.array(T_LINK_OPTICAL)
+    T[:3, 3] = t
+    return T
