@@ -121,13 +121,13 @@ def test_sampling_is_deterministic_by_seed(lm):
     embeds = prompt()
 
     def sample(seed: int, top_p: float = 1.0) -> list[int]:
-        cfg = EngineConfig(max_new_tokens=32, temperature=1.5, top_p=top_p, seed=seed)
+        cfg = EngineConfig(max_new_tokens=16, temperature=1.5, top_p=top_p, seed=seed)
         return Engine(lm, cfg).generate(embeds).tokens
 
     a, b, c = sample(0), sample(0), sample(1)
     assert a == b
     assert a != c
-    assert a != full_recompute_greedy(lm, embeds, 32)
+    assert a != full_recompute_greedy(lm, embeds, 16)
     assert sample(5, top_p=0.9) == sample(5, top_p=0.9)
 
 

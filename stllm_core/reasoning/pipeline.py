@@ -1,0 +1,245 @@
+"""AnswerPipeline: question + Clip -> answer text, the one object the ROS node and the evaluation use.
+
+    pipe = AnswerPipeline.load(model="tiny-random", device="cpu", dtype="float32", backend="eager", seed=0)
+    ans = pipe.answer("Where is the mug?", clip, on_text=print)   # on_text gets the partial answer so far
+    ans.text, ans.encode_ms, ans.prefill_ms, ans.decode_ms
+
+Steps: clean/validate the question -> processor (frames, rays, points, prompt ids) -> model.get_prefix_embeds
+(encoder stack; `encode_ms` covers processor + encoders + prompt embedding) -> Engine.generate (prefill/decode ms)
+-> detokenize (special tokens skipped, stripped). One lock serializes inference: answer() is safe to call from
+several threads, one question at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stllm_core.config import check, check_choice
+from stllm_core.engine import Engine, EngineConfig, check_max_new_tokens
+from stllm_core.engine.backends import make_encoder
+from stllm_core.engine.export import EncoderStack, encoder_args, pad_encoder_inputs
+from stllm_core.errors import InputError, ModelLoadError
+from stllm_core.types import Clip
+
+logger = logging.getLogger(__name__)
+
+TINY_RANDOM = "tiny-random"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_QUESTION_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer with its timings (milliseconds) and what it was computed from."""
+
+    text: str
+    num_tokens: int
+    encode_ms: float  # processor + vision/point encoders + aligner + prompt embedding
+    prefill_ms: float  # language model over the prompt, to the first token
+    decode_ms: float  # the remaining tokens (streaming callback time excluded)
+    num_frames: int  # frames the model saw
+    num_points: int  # voxelized scene points the model saw
+    stopped: str = "eos"  # "eos" | "length" | "cancelled"
+
+    @property
+    def total_ms(self) -> float:
+        return self.encode_ms + self.prefill_ms + self.decode_ms
+
+
+def remove_control_chars(text: str) -> str:
+    """Drop Unicode control/format characters (C0/C1 controls, zero-width and bidi marks); whitespace becomes ' '."""
+    out = []
+    for ch in text:
+        if ch.isspace():
+            out.append(" ")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            continue
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available) -> torch.device; ConfigError if unusable."""
+    check(isinstance(device, str) and bool(device), "device", device, "'cpu', 'cuda', 'cuda:N' or 'auto'")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        check(False, "device", device, "'cpu', 'cuda', 'cuda:N' or 'auto'")
+    check(dev.type in ("cpu", "cuda"), "device", device, "'cpu', 'cuda', 'cuda:N' or 'auto'")
+    if dev.type == "cuda":
+        check(torch.cuda.is_available(), "device", device, "a CUDA device, but torch.cuda.is_available() is False")
+        count = torch.cuda.device_count()
+        check(dev.index is None or dev.index < count, "device", device, f"an index below {count}")
+    return dev
+
+
+class AnswerPipeline:
+    """Processor + model + engine behind one thread-safe `answer()` call."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor,
+        engine_config: EngineConfig | None = None,
+        engine_cache_dir: str | Path | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        stops = tuple(processor.stop_token_ids)
+        if engine_config is None:
+            engine_config = EngineConfig(stop_token_ids=stops)
+        elif not engine_config.stop_token_ids:
+            engine_config = EngineConfig(**{**engine_config.__dict__, "stop_token_ids": stops})
+        self.engine = Engine(model.language_model, engine_config)
+        self.backend = engine_config.backend
+        self.engine_cache_dir = engine_cache_dir
+        self._encoders: dict[tuple, Callable] = {}
+        self._lock = threading.Lock()
+
+    # --- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        model: str = TINY_RANDOM,
+        device: str = "cpu",
+        dtype: str = "float32",
+        backend: str = "eager",
+        seed: int = 0,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        engine_cache_dir: str | Path | None = None,
+    ) -> AnswerPipeline:
+        """Load "tiny-random" (a random tiny model built in-process, seconds) or a saved model directory."""
+        check_choice("dtype", dtype, DTYPES)
+        dev = resolve_device(device)
+        engine_config = EngineConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, backend=backend
+        )
+        from stllm_core.model import build_tiny, load_pretrained
+
+        t0 = time.perf_counter()
+        if model == TINY_RANDOM:
+            net, processor = build_tiny(seed=seed)
+            net = net.to(device=dev, dtype=DTYPES[dtype])
+        else:
+            path = Path(model).expanduser()
+            if not path.is_dir():
+                raise ModelLoadError(
+                    f"model {model!r} is neither {TINY_RANDOM!r} nor an existing model directory (looked at {path})."
+                )
+            net, processor = load_pretrained(path, device=str(dev), dtype=DTYPES[dtype])
+        logger.info(
+            "loaded model %s on %s (%s, backend %s) in %.1f s", model, dev, dtype, backend, time.perf_counter() - t0
+        )
+        return cls(net, processor, engine_config, engine_cache_dir)
+
+    # --- properties --------------------------------------------------------------------------------------------
+    @property
+    def num_frames(self) -> int:
+        """Frames the model wants per clip."""
+        return int(self.model.config.num_frames)
+
+    @property
+    def max_question_chars(self) -> int:
+        return int(getattr(self.model.config, "max_question_chars", DEFAULT_MAX_QUESTION_CHARS))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.engine.config.max_new_tokens
+
+    # --- steps -------------------------------------------------------------------------------------------------
+    def clean_question(self, question: str) -> str:
+        """Validated question text: InputError if not a str, empty/whitespace, or longer than max_question_chars;
+        control characters removed; placeholders and special tokens stripped (the model's prompt cleaning)."""
+        if not isinstance(question, str):
+            raise InputError(f"question must be a str, got {type(question).__name__}.")
+        if len(question) > self.max_question_chars:
+            raise InputError(
+                f"question has {len(question)} characters; the limit is max_question_chars={self.max_question_chars}."
+            )
+        text = remove_control_chars(question)
+        if not text.strip():
+            raise InputError("question is empty (nothing but whitespace or control characters).")
+        return self.processor.clean_question(text)
+
+    def _encoder(self, inputs) -> Callable:
+        """The encoder for this backend (eager: the model itself; compiled/tensorrt: per input-shape module)."""
+        if self.backend == "eager":
+            return lambda *args: self.model.get_prefix_embeds(inputs)
+        key = tuple((tuple(a.shape), a.dtype) for a in encoder_args(inputs))
+        if key not in self._encoders:
+            self._encoders[key] = make_encoder(
+                self.backend, EncoderStack(self.model).eval(), encoder_args(inputs), self.engine_cache_dir
+            )
+        return self._encoders[key]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def answer(
+        self,
+        question: str,
+        clip: Clip,
+        max_new_tokens: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Answer:
+        """Answer `question` about `clip`. `on_text(partial)` receives the whole partial answer each time it grows.
+
+        Raises InputError for a bad question or clip, ConfigError for a bad max_new_tokens.
+        """
+        if max_new_tokens is not None:
+            check_max_new_tokens(max_new_tokens)
+        q = self.clean_question(question)
+        tokenizer = self.processor.tokenizer
+        with self._lock, torch.inference_mode():
+            t0 = time.perf_counter()
+            inputs = self.processor(q, clip).to(self.device)
+            if self.backend != "eager":  # fixed shapes: one compiled graph / TensorRT engine for every clip
+                inputs = pad_encoder_inputs(inputs, self.model.config)
+            prefix = self._encoder(inputs)(*encoder_args(inputs))  # (1, Nq, D)
+            embeds = self.model.embed_prompt(inputs, prefix)  # (1, L, D)
+            self._sync()
+            encode_ms = (time.perf_counter() - t0) * 1e3
+
+            on_token = None
+            if on_text is not None:
+                tokens: list[int] = []
+                last = [""]
+
+                def on_token(tok: int) -> None:
+                    tokens.append(tok)
+                    text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                    if text != last[0]:
+                        last[0] = text
+                        on_text(text)
+
+            gen = self.engine.generate(embeds, max_new_tokens=max_new_tokens, on_token=on_token, cancel=cancel)
+        text = tokenizer.decode(gen.tokens, skip_special_tokens=True).strip()
+        return Answer(
+            text=text,
+            num_tokens=len(gen.tokens),
+            encode_ms=encode_ms,
+            prefill_ms=gen.prefill_ms,
+            decode_ms=gen.decode_ms,
+            num_frames=inputs.num_frames,
+            num_points=inputs.num_points,
+            stopped=gen.stopped,
+        )

@@ -1,0 +1,75 @@
+"""Export of the encoder stack (tiny random model, CPU, fp32): torch.export exact, ONNX Runtime within 1e-4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stllm_core.engine.export import (
+    ENCODER_INPUTS,
+    EncoderStack,
+    encoder_args,
+    export_encoder,
+    export_onnx,
+    onnx_max_abs_error,
+    onnx_run,
+    pad_encoder_inputs,
+)
+from stllm_core.model import build_tiny, random_clip
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = build_tiny(seed=0)
+    inputs = processor("Where did I leave the mug?", random_clip(3, seed=1, num_points=120))
+    return model.eval(), inputs, processor
+
+
+def test_padding_to_fixed_shapes_keeps_the_prefix(tiny):
+    model, inputs, processor = tiny
+    padded = pad_encoder_inputs(inputs, model.config)
+    shapes = {n: tuple(a.shape) for n, a in zip(ENCODER_INPUTS, encoder_args(padded))}
+    cfg = model.config
+    assert shapes["pixel_values"][1] == cfg.num_frames > inputs.pixel_values.shape[1]
+    assert shapes["points"][1] == cfg.max_points > inputs.points.shape[1]
+    assert shapes["question_ids"][1] == cfg.aligner_max_question_tokens
+    assert int(padded.point_mask.sum()) == int(inputs.point_mask.sum())
+    with torch.no_grad():
+        ref = model.get_prefix_embeds(inputs)
+        got = EncoderStack(model)(*encoder_args(padded))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    # More points than max_points (not produced by the processor) are kept, never cut: the shape grows instead.
+    assert pad_encoder_inputs(padded, cfg.replace(max_points=8)).points.shape[1] == cfg.max_points
+
+
+@pytest.fixture(scope="module")
+def exported(tiny):
+    model, inputs, _ = tiny
+    args = encoder_args(pad_encoder_inputs(inputs, model.config))
+    return args, export_encoder(model, args)
+
+
+def test_torch_export_matches_eager(tiny, exported):
+    model, inputs, processor = tiny
+    args, program = exported
+    assert isinstance(program, torch.export.ExportedProgram)
+    with torch.no_grad():
+        ref = EncoderStack(model)(*args)
+        got = program.module()(*args)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    # The same program on different values of the same shapes (another clip) still matches.
+    other = encoder_args(pad_encoder_inputs(processor("Is the fridge left?", random_clip(4, 7)), model.config))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(*other), EncoderStack(model)(*other), rtol=0, atol=1e-6)
+
+
+def test_onnx_export_matches_eager_on_onnxruntime(tiny, exported, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = tiny[0]
+    args, program = exported
+    path = export_onnx(model, args, tmp_path / "encoder.onnx", program=program)
+    assert path.is_file() and path.stat().st_size > 10_000
+    err = onnx_max_abs_error(path, model, args)
+    print(f"ONNX Runtime vs eager encoder stack, max abs error (fp32): {err:.2e}")
+    assert err < 1e-4
+    assert tuple(onnx_run(path, args).shape) == (1, model.config.num_queries, 32)
