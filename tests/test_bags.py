@@ -71,10 +71,12 @@ def assert_same_frames(src: list[Frame], got, depth_exact: bool = True) -> None:
             np.testing.assert_allclose(b.depth, a.depth, rtol=0, atol=5e-4, equal_nan=True)
 
 
-@pytest.mark.parametrize("storage,depth_encoding", [("mcap", "32FC1"), ("sqlite3", "16UC1")])
-def test_round_trip_frames_poses_intrinsics_depth_scene(tmp_path, storage, depth_encoding):
+@pytest.mark.parametrize("storage,depth_encoding,compression", [
+    ("mcap", "32FC1", "none"), ("mcap", "16UC1", "zstd"), ("sqlite3", "16UC1", "none"), ("sqlite3", "32FC1", "zstd")])
+def test_round_trip_frames_poses_intrinsics_depth_scene(tmp_path, storage, depth_encoding, compression):
     frames, scene = make_frames(), make_scene()
-    cfg = BagWriterConfig(storage=storage, depth_encoding=depth_encoding, start_time_ns=1_600_000_000_123_456_789)
+    cfg = BagWriterConfig(storage=storage, depth_encoding=depth_encoding, compression=compression,
+                          start_time_ns=1_600_000_000_123_456_789)
     info = write_bag(tmp_path / "bag", frames, scene, cfg)
 
     assert info.storage == storage

@@ -70,6 +70,7 @@ class BagWriterConfig:
     """How `write_bag` / `clip_to_bag` lay a clip out as a bag (see the module docstring for the conventions)."""
 
     storage: str = "mcap"  # "mcap" | "sqlite3"
+    compression: str = "none"  # "none" | "zstd" (MCAP: zstd chunks inside the file; SQLite3: rosbag2 per-message zstd)
     start_time_ns: int = DEFAULT_START_NS  # bag time of the first frame (ns since the epoch)
     depth_encoding: str = "32FC1"  # "32FC1" (metres, NaN invalid) | "16UC1" (mm, 0 invalid) | "none"
     world_frame: str = "map"
@@ -86,6 +87,7 @@ class BagWriterConfig:
     def __post_init__(self) -> None:
         check_choice("storage", self.storage, STORAGES)
         check_choice("depth_encoding", self.depth_encoding, DEPTH_ENCODINGS)
+        check_choice("compression", self.compression, ("none", "zstd"))
         check(isinstance(self.start_time_ns, int) and self.start_time_ns >= 0, "start_time_ns", self.start_time_ns,
               "a non-negative integer (nanoseconds since the epoch)")
         for name in ("world_frame", "body_frame", "optical_frame"):
@@ -468,7 +470,7 @@ def write_bag(path: str | Path, frames: Iterable[Frame], scene: Scene | None = N
     poses (DataError names the offending frame). `frames` may be a generator: one frame is held at a time.
     Returns the BagInfo of the written bag.
     """
-    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
 
     cfg = config or BagWriterConfig()
     path = Path(path)
@@ -482,8 +484,12 @@ def write_bag(path: str | Path, frames: Iterable[Frame], scene: Scene | None = N
     plugin = StoragePlugin.MCAP if cfg.storage == "mcap" else StoragePlugin.SQLITE3
     start = cfg.start_time_ns
     written = 0
+    writer = Writer(path, version=9, storage_plugin=plugin)
+    if cfg.compression == "zstd":
+        mode = CompressionMode.STORAGE if cfg.storage == "mcap" else CompressionMode.MESSAGE
+        writer.set_compression(mode, CompressionFormat.ZSTD)
     try:
-        with Writer(path, version=9, storage_plugin=plugin) as w:
+        with writer as w:
             conns: dict[str, Any] = {}
 
             def put(topic: str, msgtype: str, msg, stamp_ns: int) -> None:
