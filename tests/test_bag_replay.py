@@ -170,3 +170,43 @@ def test_start_offset_keeps_latched_state_and_loop_repeats(tmp_path):
         assert not runner.is_alive()
         assert player.stats.loops >= 2 and player.stats.published["/tf"] >= 25
         assert set(player.stats.published) == {"/tf"}
+
+
+def test_bag_messages_decode_with_rclpy_and_the_ros_adapters(tmp_path):
+    """The CDR that rosbags writes is what rclpy and stllm_ros.conversions read (interop with the live ROS path)."""
+    from rclpy.serialization import deserialize_message
+
+    from stllm_ros import conversions as conv
+
+    frames, scene = make_frames(3), make_scene(40)
+    write_bag(tmp_path / "b", frames, scene, BagWriterConfig(depth_encoding="16UC1"))
+    seen = defaultdict(int)
+    for m in BagReader(tmp_path / "b").messages():
+        msg = deserialize_message(m.data, message_class(m.msgtype))
+        i = seen[m.topic]
+        seen[m.topic] += 1
+        if m.topic == "/camera/color/image_raw":
+            np.testing.assert_array_equal(conv.image_to_rgb(msg), frames[i].image)
+            assert conv.stamp_to_sec(msg.header.stamp) * 1e9 == pytest.approx(m.stamp_ns, abs=1e3)
+        elif m.topic == "/camera/depth/image_raw":
+            np.testing.assert_allclose(conv.image_to_depth(msg), frames[i].depth, atol=5e-4, equal_nan=True)
+        elif m.topic == "/camera/color/camera_info":
+            np.testing.assert_array_equal(conv.camera_info_to_K(msg), frames[i].K)
+        elif m.topic == "/scene/points":
+            xyz, rgb = conv.pointcloud2_to_xyz_rgb(msg)
+            np.testing.assert_array_equal(xyz, scene.points)
+            np.testing.assert_array_equal(rgb, scene.colors)
+        elif m.topic in ("/tf", "/tf_static"):
+            parent, child, _, t, q = conv.transform_from_msg(msg.transforms[0])
+            assert (parent, child) == (("map", "camera_link") if m.topic == "/tf" else
+                                       ("camera_link", "camera_color_optical_frame"))
+            if m.topic == "/tf":  # map <- camera_link <- optical (fixed REP-103 -> optical rotation) is the clip pose
+                from scipy.spatial.transform import Rotation
+
+                T = np.eye(4)
+                T[:3, :3], T[:3, 3] = Rotation.from_quat(q).as_matrix(), t
+                R_link_opt = np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], float)
+                T_link_opt = np.eye(4)
+                T_link_opt[:3, :3] = R_link_opt
+                np.testing.assert_allclose(T @ T_link_opt, frames[i].T_world_cam, atol=1e-9)
+    assert seen["/camera/color/image_raw"] == 3 and seen["/scene/points"] == 1
