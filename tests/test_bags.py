@@ -284,3 +284,23 @@ def optical_pose_at(t) -> np.ndarray:
     T = np.array(T_LINK_OPTICAL)
     T[:3, 3] = t
     return T
+
+
+def test_clip2bag_cli(tmp_path, capsys):
+    from stllm_core.data.cli import clip2bag_main
+    from stllm_core.data.clip_folder import write_clip_folder
+
+    write_clip_folder(tmp_path / "clip", make_frames(4), make_scene(10), fps=10.0, image_format="png")
+    rc = clip2bag_main([str(tmp_path / "clip"), str(tmp_path / "bag"), "--storage", "sqlite3", "--depth", "16UC1",
+                        "--compress", "--start-time", "1234.5", "-q"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Storage:  sqlite3" in out and "/camera/depth/image_raw" in out
+    info = bag_info(tmp_path / "bag")
+    assert info.start_ns == 1_234_500_000_000 and info.message_count == 2 + 4 * 4
+    assert not qa_path_for(tmp_path / "bag").exists()  # the clip has no qa.json
+
+    assert clip2bag_main([str(tmp_path / "clip"), str(tmp_path / "bag"), "-q"]) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert clip2bag_main([str(tmp_path / "missing"), str(tmp_path / "bag2"), "-q"]) == 2
+    assert "missing" in capsys.readouterr().err

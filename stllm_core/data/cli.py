@@ -92,3 +92,37 @@ def rgbd2clip_main(argv: list[str] | None = None) -> int:
         return 2
     print(out)
     return 0
+
+
+def clip2bag_main(argv: list[str] | None = None) -> int:
+    """stllm-clip2bag CLIP BAG [--storage mcap|sqlite3] [--depth 32FC1|16UC1|none] [--compress] [--fps F] ..."""
+    from stllm_core.data.bags import DEFAULT_START_NS, BagWriterConfig, clip_to_bag
+
+    ap = argparse.ArgumentParser(prog="stllm-clip2bag",
+                                 description="Convert an EPIC-style clip folder into a rosbag2 bag: /camera/color/"
+                                             "image_raw + camera_info, /camera/depth/image_raw, /tf, /tf_static, "
+                                             "/scene/points (conventions: stllm_core/data/bags.py). The clip's "
+                                             "qa.json is copied to BAG_qa.json.")
+    ap.add_argument("clip", help="clip folder")
+    ap.add_argument("bag", help="bag directory to write")
+    ap.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="storage plugin (default mcap)")
+    ap.add_argument("--depth", choices=("32FC1", "16UC1", "none"), default="32FC1",
+                    help="depth encoding: 32FC1 metres, 16UC1 millimetres, or none (default 32FC1)")
+    ap.add_argument("--compress", action="store_true", help="zstd (MCAP chunks; per-message for sqlite3)")
+    ap.add_argument("--fps", type=float, default=None, help="stamp frames every 1/FPS s (default: the clip's stamps)")
+    ap.add_argument("--start-time", type=float, default=DEFAULT_START_NS / 1e9, metavar="SEC",
+                    help="bag time of the first frame, seconds since the epoch (default %(default).0f)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing bag")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = BagWriterConfig(storage=args.storage, depth_encoding=args.depth, overwrite=args.overwrite,
+                              compression="zstd" if args.compress else "none",
+                              start_time_ns=int(round(args.start_time * 1e9)))
+        info = clip_to_bag(args.clip, args.bag, cfg, fps=args.fps, progress=not args.quiet)
+    except STLLMError as e:
+        print(f"stllm-clip2bag: error: {e}", file=sys.stderr)
+        return 2
+    print(info)
+    return 0
