@@ -134,13 +134,16 @@ def test_clip_folder_to_bag_and_back(tmp_path):
 
     frames, scene = make_frames(6, fps=15.0), make_scene(50)
     clip_dir = write_clip_folder(tmp_path / "clip", frames, scene, fps=15.0, image_format="png")
-    qa = [{"id": "q0", "conversations": [{"from": "human", "value": "<image>\nWhere is the mug?"}]}]
+    qa = [{"id": "q0", "video": "frames", "K": "K.txt", "c2ws": "c2ws", "pointcloud": "clip_vert.npy",
+           "conversations": [{"from": "human", "value": "<image>\nWhere is the mug?"}]}]
     (clip_dir / "qa.json").write_text(json.dumps(qa))
     folder = ClipFolder.read(clip_dir)
 
     info = clip_to_bag(clip_dir, tmp_path / "out" / "clip_bag")
     assert info.topic("/camera/color/image_raw").count == 6
-    assert json.loads(qa_path_for(tmp_path / "out" / "clip_bag").read_text()) == qa
+    qa_out = json.loads(qa_path_for(tmp_path / "out" / "clip_bag").read_text())
+    assert qa_out == [{**qa[0], "video": "../clip/frames", "K": "../clip/K.txt", "c2ws": "../clip/c2ws",
+                       "pointcloud": "../clip/clip_vert.npy"}]  # still valid from the QA file's folder
     back = read_bag_clip(tmp_path / "out" / "clip_bag")
     src = [folder.load_frame(i, with_depth=True) for i in range(len(folder))]
     assert_same_frames(src, back.frames)
@@ -304,3 +307,22 @@ def test_clip2bag_cli(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert clip2bag_main([str(tmp_path / "missing"), str(tmp_path / "bag2"), "-q"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_reasim_clip_to_bag_keeps_frames_poses_and_usable_qa(tmp_path):
+    """A REA-Sim kitchen clip (JPEG frames, depth, cloud, QA) -> bag -> back: same decoded frames, QA readable."""
+    from stllm_core.data.clip_folder import ClipFolder
+    from stllm_core.data.rea import read_rea_json
+    from stllm_core.data.reasim.generate import generate_reasim
+
+    generate_reasim(tmp_path / "rs", scenes=1, clips_per_scene=1, frames=8, size=(96, 72), questions_per_type=1,
+                    seed=3, workers=1)
+    (clip_dir,) = [p for p in (tmp_path / "rs" / "clips").iterdir() if p.is_dir()]
+    folder = ClipFolder.read(clip_dir)
+    clip_to_bag(clip_dir, tmp_path / "bags" / "kitchen", BagWriterConfig(depth_encoding="16UC1"))
+    back = read_bag_clip(tmp_path / "bags" / "kitchen")
+    src = [folder.load_frame(i, with_depth=True) for i in range(len(folder))]
+    assert_same_frames(src, back.frames, depth_exact=False)
+    assert back.scene.num_points == folder.points[0].shape[0] > 0
+    records = read_rea_json(qa_path_for(tmp_path / "bags" / "kitchen"), on_error="raise")
+    assert len(records) == len(folder.read_qa()) >= 1

@@ -33,7 +33,9 @@ Kilted typestore plus the definitions embedded in the bag; types it cannot decod
 from __future__ import annotations
 
 import heapq
+import json
 import logging
+import os
 import shutil
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
@@ -616,10 +618,31 @@ def clip_to_bag(clip_dir: str | Path, bag_path: str | Path, config: BagWriterCon
     info = write_bag(bag_path, frames(), scene, cfg)
     qa = qa_path_for(bag_path)
     if clip.qa_path is not None:
-        shutil.copyfile(clip.qa_path, qa)
+        copy_qa(clip.qa_path, qa)
     elif qa.exists() and cfg.overwrite:
         qa.unlink()
     return info
+
+
+REA_PATH_FIELDS = ("video", "pointcloud", "c2ws", "K")
+
+
+def copy_qa(src: Path, dst: Path) -> None:
+    """Copy REA records from a clip's qa.json to `dst`, re-basing their relative paths (video, pointcloud, c2ws, K)
+    so they still point into the clip folder when read from `dst`'s directory."""
+    try:
+        records = json.loads(Path(src).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{src} is not readable JSON: {e}.") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{src} must hold a JSON list of REA records.")
+    src_dir, dst_dir = Path(src).resolve().parent, Path(dst).resolve().parent
+    for r in records:
+        for key in REA_PATH_FIELDS:
+            v = r.get(key)
+            if isinstance(v, str) and v and not Path(v).is_absolute():
+                r[key] = os.path.relpath(src_dir / v, dst_dir)
+    Path(dst).write_text(json.dumps(records, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
