@@ -224,6 +224,17 @@ def read_config(path: str | Path) -> STLLMConfig:
         raise ModelLoadError(f"{file} holds an invalid configuration: {e}") from e
 
 
+def _resolve_relative(config: STLLMConfig, base: Path) -> STLLMConfig:
+    """Backbone paths saved relative to the model directory (as import_llava_video writes them) made absolute."""
+    changes = {}
+    for name in ("vision", "llm"):
+        spec = getattr(config, name)
+        if isinstance(spec, str) and not spec.startswith(WHEEL_PREFIX) and not Path(spec).is_absolute():
+            if (base / spec).is_dir():
+                changes[name] = str((base / spec).resolve())
+    return config.replace(**changes) if changes else config
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
                     ) -> tuple[STLLMForConditionalGeneration, STLLMProcessor]:
     """Load a directory written by save_pretrained. Raises ModelLoadError naming a missing or corrupt file."""
@@ -238,6 +249,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
         if not (path / name).is_file():
             raise ModelLoadError(f"{path / name} is missing (the tokenizer is saved with the model).")
     tokenizer = load_tokenizer(path)
+    config = _resolve_relative(config, path)
     try:
         with safe_open(str(weights), framework="pt") as f:
             meta = f.metadata() or {}
@@ -265,3 +277,142 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     model.to(dtype=dtype)
     return model.eval(), processor
 
+
+
+# --- LLaVA-Video import -------------------------------------------------------------------------------------------
+
+_TOKENIZER_AUX = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                  "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json")
+_LM_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+                   "rope_scaling", "rope_parameters", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+                   "pad_token_id", "sliding_window", "use_sliding_window", "max_window_layers", "attention_dropout")
+
+
+def _llava_key(key: str) -> tuple[str, str] | None:
+    """Map a LLaVA-Video checkpoint key to (part, key in that part); None for keys ST-LLM does not use.
+
+    Handles the LLaVA-NeXT layout (lmms-lab) and the transformers LlavaOnevision layouts (llava-hf, old and new).
+    """
+    for prefix in ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower.vision_model.",
+                   "vision_tower.vision_model."):
+        if key.startswith(prefix):
+            return "vision", key[len(prefix):]
+    for prefix, names in (("model.mm_projector.", {"0": "linear_1", "2": "linear_2"}),
+                          ("model.multi_modal_projector.", None), ("multi_modal_projector.", None)):
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            if names is not None:
+                idx, _, tail = rest.partition(".")
+                rest = f"{names[idx]}.{tail}" if idx in names else rest
+            return "projector", rest
+    if "image_newline" in key or key.startswith("model.vision_resampler"):
+        return None
+    for prefix, new in (("language_model.model.", "model."), ("model.language_model.", "model."),
+                        ("language_model.lm_head.", "lm_head.")):
+        if key.startswith(prefix):
+            return "llm", new + key[len(prefix):]
+    if key.startswith("model.") or key.startswith("lm_head."):
+        return "llm", key
+    return None
+
+
+def _vision_config_from(src_cfg: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """SigLIP vision config: the checkpoint's vision_config if present, else inferred from the tensor shapes."""
+    if isinstance(src_cfg.get("vision_config"), dict):
+        vc = dict(src_cfg["vision_config"])
+        return {k: vc[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                   "patch_size", "image_size", "num_channels", "layer_norm_eps", "hidden_act")
+                if k in vc}
+    w = tensors["embeddings.patch_embedding.weight"]  # (hidden, 3, patch, patch)
+    hidden, patch = int(w.shape[0]), int(w.shape[-1])
+    num_pos = int(tensors["embeddings.position_embedding.weight"].shape[0])
+    layers = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("encoder.layers."))
+    heads = 16 if hidden == 1152 else max(1, hidden // 64)  # so400m has 16 heads of 72
+    return dict(hidden_size=hidden, intermediate_size=int(tensors["encoder.layers.0.mlp.fc1.weight"].shape[0]),
+                num_hidden_layers=layers, num_attention_heads=heads, patch_size=patch,
+                image_size=int(round(num_pos ** 0.5)) * patch, num_channels=3, layer_norm_eps=1e-6,
+                hidden_act="gelu_pytorch_tanh")
+
+
+def import_llava_video(src: str | Path, out: str | Path, seed: int = 0, preset: str = "llava-video-7b",
+                       **overrides) -> Path:
+    """Split a downloaded LLaVA-Video(-7B-Qwen2) directory into an ST-LLM model directory.
+
+    out/vision: the SigLIP tower (HF SiglipVisionModel dir); out/llm: the Qwen2 causal LM (HF dir, sharded like the
+    source, with the tokenizer); out/config.json + model.safetensors + tokenizer: the ST-LLM model referencing them by
+    relative path, with LLaVA's projector and freshly initialised (seeded) point encoder, ray encoders and aligner.
+    Tensors are streamed shard by shard (the LM is never held in memory). Returns `out`.
+    """
+    from transformers import AutoConfig, SiglipVisionConfig
+
+    from stllm_core.model.configuration import config_preset
+
+    src, out = Path(src), Path(out)
+    cfg_file = src / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{cfg_file} is missing: {str(src)!r} is not a LLaVA-Video model directory.")
+    src_cfg = json.loads(cfg_file.read_text())
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(f"No *.safetensors files in {str(src)!r} (only safetensors checkpoints are imported).")
+    (out / "vision").mkdir(parents=True, exist_ok=True)
+    (out / "llm").mkdir(parents=True, exist_ok=True)
+    vision, projector, weight_map = {}, {}, {}
+    for i, shard in enumerate(shards):
+        lm = {}
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    mapped = _llava_key(key)
+                    if mapped is None:
+                        continue
+                    part, new = mapped
+                    {"vision": vision, "projector": projector, "llm": lm}[part][new] = f.get_tensor(key)
+        except Exception as e:
+            raise ModelLoadError(f"{shard} is corrupt or not a safetensors file: {e}") from e
+        if lm:
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: v.contiguous() for k, v in lm.items()}, str(out / "llm" / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(lm, name))
+            log.info("Imported %d LM tensors from %s", len(lm), shard.name)
+        del lm
+    for what, found in (("vision tower", vision), ("projector", projector), ("language model", weight_map)):
+        if not found:
+            raise ModelLoadError(f"No {what} weights found in {str(src)!r}: not a LLaVA-Video checkpoint?")
+    # language model: config, index, tokenizer
+    text_cfg = src_cfg.get("text_config") if isinstance(src_cfg.get("text_config"), dict) else src_cfg
+    lm_cfg = {k: text_cfg[k] for k in _LM_CONFIG_KEYS if k in text_cfg}
+    lm_cfg.setdefault("tie_word_embeddings", "lm_head.weight" not in weight_map)
+    AutoConfig.for_model("qwen2", **lm_cfg).save_pretrained(out / "llm")
+    (out / "llm" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": weight_map}, indent=2))
+    for name in _TOKENIZER_AUX:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / "llm" / name)
+    # vision tower
+    vcfg = _vision_config_from(src_cfg, vision)
+    SiglipVisionConfig(**vcfg, vision_use_head=False).save_pretrained(out / "vision")
+    vision = {k: v for k, v in vision.items() if not k.startswith("head.")}
+    save_file({k: v.contiguous() for k, v in vision.items()}, str(out / "vision" / "model.safetensors"),
+              metadata={"format": "pt"})
+    # the ST-LLM parts: backbones on the meta device (never materialised), the rest initialised from `seed`
+    cfg = config_preset(preset, **{"image_size": vcfg["image_size"], **overrides,
+                                   "vision": str(out / "vision"), "llm": str(out / "llm")})
+    # the imported backbones start frozen (their weights stay in vision/ and llm/); training may unfreeze them later
+    cfg = cfg.replace(trainable=tuple(p for p in cfg.trainable if p not in ("vision_tower", "language_model")))
+    with torch.device("meta"):
+        tower = build_vision_tower(cfg.replace(vision=vcfg))
+        lm_model = build_language_model(cfg.replace(llm={"model_type": "qwen2", **lm_cfg}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = STLLMForConditionalGeneration(cfg, tower, lm_model)
+    try:
+        model.vision_projector.load_state_dict(projector)
+    except RuntimeError as e:
+        raise ModelLoadError(f"The projector in {str(src)!r} does not fit the vision tower / LM widths: {e}") from e
+    model.config = cfg.replace(vision="vision", llm="llm")  # relative: the directory can be moved
+    processor = STLLMProcessor(cfg, load_tokenizer(out / "llm"), patch_size=model.patch_size)
+    save_pretrained(model, processor, out)
+    log.info("Imported %s into %s", src, out)
+    return out
