@@ -17,6 +17,7 @@ Worked example (K with fx = fy = 100, cx = cy = 50, identity pose):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -146,12 +147,24 @@ def patch_ray_directions(
     strided convolution does); pixel rays are rotated by R_ref_cam, averaged over each patch, then averaged over the
     same adaptive bins that pool the patch features to pooled x pooled, and normalised to unit length.
     """
+    # Rotation is linear, so pooling then rotating equals rotating then pooling: the camera-frame grid is cached per K.
+    K = np.asarray(K, dtype=np.float64)
+    d = _camera_patch_rays(K.tobytes(), image_size, patch_size, pooled)  # (pooled, pooled, 3)
+    d = d @ np.asarray(R_ref_cam, dtype=np.float64).T
+    return d / np.linalg.norm(d, axis=-1, keepdims=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _camera_patch_rays(K_bytes: bytes, image_size: int, patch_size: int, pooled: int) -> np.ndarray:
+    K = np.frombuffer(K_bytes, dtype=np.float64).reshape(3, 3)
     g = image_size // patch_size
     used = g * patch_size
-    d = pixel_ray_directions(K, used, used) @ np.asarray(R_ref_cam, dtype=np.float64).T  # (used, used, 3)
+    d = pixel_ray_directions(K, used, used)  # (used, used, 3)
     d = d.reshape(g, patch_size, g, patch_size, 3).mean(axis=(1, 3))  # (g, g, 3)
     d = adaptive_mean_pool(d, pooled)
-    return d / np.linalg.norm(d, axis=-1, keepdims=True)
+    d = d / np.linalg.norm(d, axis=-1, keepdims=True)
+    d.setflags(write=False)
+    return d
 
 
 def points_in_frame0(points_world: np.ndarray, T_world_cam0: np.ndarray) -> np.ndarray:

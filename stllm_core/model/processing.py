@@ -109,10 +109,17 @@ def voxelize(xyz: np.ndarray, rgb: np.ndarray, voxel_size: float, max_points: in
     if len(xyz) == 0:
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)
     keys = np.floor(xyz / voxel_size).astype(np.int64)  # (N, 3)
-    uniq, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    lo = keys.min(axis=0)
+    span = keys.max(axis=0) - lo + 1
+    if np.prod(span.astype(np.float64)) < 2**62:  # pack the 3 integer coordinates into one int64 (fast 1-D unique)
+        packed = ((keys[:, 0] - lo[0]) * span[1] + (keys[:, 1] - lo[1])) * span[2] + (keys[:, 2] - lo[2])
+        _, first, inverse, counts = np.unique(packed, return_index=True, return_inverse=True, return_counts=True)
+        uniq = keys[first]
+    else:
+        uniq, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
-    sums = np.zeros((len(uniq), 6), np.float64)
-    np.add.at(sums, inverse, np.concatenate([xyz, rgb], axis=1))
+    feats = np.concatenate([xyz, rgb], axis=1)
+    sums = np.stack([np.bincount(inverse, weights=feats[:, c], minlength=len(uniq)) for c in range(6)], axis=1)
     means = sums / counts[:, None]
     if len(uniq) > max_points:
         u = uniq.astype(np.uint64)
