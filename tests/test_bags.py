@@ -326,3 +326,26 @@ def test_reasim_clip_to_bag_keeps_frames_poses_and_usable_qa(tmp_path):
     assert back.scene.num_points == folder.points[0].shape[0] > 0
     records = read_rea_json(qa_path_for(tmp_path / "bags" / "kitchen"), on_error="raise")
     assert len(records) == len(folder.read_qa()) >= 1
+
+
+REAL_RGBD = EXTERNAL.parent / "open3d_rgbd"
+
+
+@pytest.mark.skipif(not REAL_RGBD.is_dir(), reason="shared/data/external/open3d_rgbd not present")
+def test_real_rgbd_sequence_to_clip_to_bag(tmp_path):
+    """The real Augmented ICL-NUIM RGB-D frames (ground-truth trajectory) -> clip folder -> bag -> back."""
+    from stllm_core.data.clip_folder import ClipFolder
+    from stllm_core.data.rgbd import convert_rgbd_sequence
+
+    clip_dir = convert_rgbd_sequence(REAL_RGBD, tmp_path / "clip", trajectory=REAL_RGBD / "trajectory.log", fps=30.0,
+                                      max_frames=3)
+    folder = ClipFolder.read(clip_dir)
+    info = clip_to_bag(clip_dir, tmp_path / "bag", BagWriterConfig(compression="zstd"))
+    assert info.topic("/camera/color/image_raw").count == len(folder) == 3
+    assert info.duration_sec == pytest.approx(2 / 30.0, abs=1e-6)
+    back = read_bag_clip(tmp_path / "bag")
+    src = [folder.load_frame(i, with_depth=True) for i in range(len(folder))]
+    assert_same_frames(src, back.frames)
+    np.testing.assert_array_equal(back.frames[0].K, [[525.0, 0, 319.5], [0, 525.0, 239.5], [0, 0, 1]])
+    assert back.frames[0].image.shape == (480, 640, 3)
+    assert back.scene.num_points == folder.points[0].shape[0] > 1000
