@@ -106,6 +106,9 @@ class BagPlayer:
         unknown = [t for t in config.topics if t not in known]
         if unknown:
             raise STLLMError(f"--topics {unknown} not in bag {config.bag}; it has {sorted(known)}.")
+        unknown = [t for t in config.remap if t not in known]
+        if unknown:
+            raise STLLMError(f"--remap of {unknown}: not in bag {config.bag}; it has {sorted(known)}.")
         self.publishers = {}  # bag topic -> publisher
         self.latched: set[str] = set()  # bag topics published transient-local
         self.unavailable: dict[str, str] = {}  # bag topic -> msgtype
@@ -166,10 +169,10 @@ class BagPlayer:
             t0 = time.monotonic()
             last_clock = -1.0
             self._last_clock_ns = 0  # a new pass starts the bag time again
-            for m in self.reader.messages(self.publishers.keys() | self.unavailable.keys() or None):
+            for m in self.reader.messages(self.publishers.keys() | self.unavailable.keys()):
                 if stop.is_set():
                     break
-                if m.topic in self.unavailable:
+                if m.topic not in self.publishers:
                     stats.skipped[m.msgtype] += 1
                     continue
                 if m.stamp_ns < start_ns and m.topic not in self.latched:

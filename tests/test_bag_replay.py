@@ -16,6 +16,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E
 from test_bags import EXTERNAL, make_frames, make_scene  # noqa: E402
 
 from stllm_core.data.bags import BagReader, BagWriterConfig, write_bag  # noqa: E402
+from stllm_core.errors import ConfigError, STLLMError  # noqa: E402
 from stllm_ros.bag_player import message_class  # noqa: E402
 from tests_support import NodeProcess, RosTestNode, wait_until  # noqa: E402
 
@@ -173,6 +174,13 @@ def test_start_offset_keeps_latched_state_and_loop_repeats(tmp_path):
         assert not runner.is_alive()
         assert player.stats.loops >= 2 and player.stats.published["/tf"] >= 25
         assert set(player.stats.published) == {"/tf"}
+
+        with pytest.raises(STLLMError, match=r"--remap of \['/tff'\]: not in bag"):
+            BagPlayer(ros.node, PlayerConfig(bag=str(bag), remap={"/tff": "/x"}))
+        with pytest.raises(STLLMError, match=r"--topics \['/nope'\] not in bag"):
+            BagPlayer(ros.node, PlayerConfig(bag=str(bag), topics=("/nope",)))
+    with pytest.raises(ConfigError, match="rate"):
+        PlayerConfig(bag=str(bag), rate=0.0)
 
 
 def test_bag_messages_decode_with_rclpy_and_the_ros_adapters(tmp_path):
