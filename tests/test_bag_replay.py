@@ -221,3 +221,14 @@ def test_bag_messages_decode_with_rclpy_and_the_ros_adapters(tmp_path):
                 T_link_opt[:3, :3] = R_link_opt
                 np.testing.assert_allclose(T @ T_link_opt, frames[i].T_world_cam, atol=1e-9)
     assert seen["/camera/color/image_raw"] == 3 and seen["/scene/points"] == 1
+
+
+@pytest.mark.skipif(not (EXTERNAL / "talker_mcap").is_dir(), reason="shared rosbag2 bags not present")
+def test_info_prints_topics_like_ros2_bag_info(capsys):
+    from stllm_ros.bag_player import main
+
+    assert main([str(EXTERNAL / "talker_mcap"), "--info"]) == 0
+    out = capsys.readouterr().out
+    assert "Messages: 20" in out and "std_msgs/msg/String" in out and "/rosout" in out
+    assert main([str(EXTERNAL / "talker_mcap"), "--rate", "-1"]) == 2
+    assert "rate" in capsys.readouterr().err
