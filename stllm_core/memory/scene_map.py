@@ -172,7 +172,7 @@ class SceneMap:
             with self._lock:
                 self._counts["bad_input"] += 1
             raise InputError(f"colors must be (N, 3) RGB matching points {xyz.shape}; got {rgb.shape}")
-        finite = np.all(np.isfinite(xyz), axis=1)
+        finite = np.isfinite(xyz[:, 0]) & np.isfinite(xyz[:, 1]) & np.isfinite(xyz[:, 2])
         keys, ok = voxel_keys(xyz, self.config.voxel_size)
         rgb = rgb[ok].astype(np.float64)
         n_bad = int(np.count_nonzero(~finite))
