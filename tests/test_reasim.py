@@ -134,6 +134,13 @@ def test_every_answer_agrees_with_independent_geometry(dataset):
         c2ws = clip / "c2ws"
         assert score_answer(r.question_type, ans, ans)
         if r.question_type == "relative_direction":
+            if key["form"] == "two_moments":  # one target, two moments (the person may have moved and turned)
+                labs = [side(*person(c2ws, f), objs[key["object"]]["center"]) for f in key["frames"]]
+                assert all(m >= 10 - 1e-6 for _, m in labs)
+                assert ans.startswith("yes" if labs[0][0] == labs[1][0] else "no")
+                assert DIR_WORDS[labs[0][0]] in ans and DIR_WORDS[labs[1][0]] in ans
+                checked["two_moments"] = checked.get("two_moments", 0) + 1
+                continue
             f0, f1 = key["frames"]
             p0, fw0 = person(c2ws, f0)
             p1, fw1 = person(c2ws, f1)
@@ -156,6 +163,14 @@ def test_every_answer_agrees_with_independent_geometry(dataset):
                 expect = "about the same distance" if abs(ch) < 0.2 else ("closer" if ch < -0.5 else "farther")
                 assert abs(ch) < 0.2 or abs(ch) > 0.5
                 assert ans == expect
+            elif key["form"] == "closest_action":  # over every pick/put not of the object itself, from the log
+                moments = [a for a in acts if a["verb"] in ("pick up", "put down") and a["item"] != key["object"]]
+                d = [footprint_dist(person(c2ws, a["start_frame"])[0], objs[key["object"]]) for a in moments]
+                k = int(np.argmin(d))
+                assert sorted(d)[1] - d[k] > 0.5
+                assert ans == f"while {moments[k]['text']}"
+                assert moments[k]["text"] in r.question or r.question.startswith("During")  # options list it
+                checked["closest_action"] = checked.get("closest_action", 0) + 1
             else:
                 p, _ = person(c2ws, key["frames"][0])
                 da, db = (footprint_dist(p, objs[n]) for n in key["objects"])
@@ -201,7 +216,7 @@ def test_every_answer_agrees_with_independent_geometry(dataset):
             assert ans.split(",")[0] in (f"pick up the {item} from the {sup['kind']}",
                                         f"take the {item} out of the {sup['kind']}")
         checked[r.question_type] += 1
-    assert all(n > 0 for n in checked.values()), checked
+    assert all(n > 0 for n in checked.values()) and len(checked) == 7, checked
 
 
 def test_depth_lies_on_the_scene_boxes(dataset):

@@ -63,6 +63,14 @@ TEMPLATES = {
         "While the person was {act}, were the {a} and the {b} on the same side of them?",
         "When the person was {act}, were the {a} and the {b} in the same direction from them?",
     ],
+    "two_moments": [
+        "Was the {obj} on the same side of the person while {a1} as while {a2}?",
+        "Did the {obj} stay in the same direction from the person between {a1} and {a2}?",
+    ],
+    "closest_action": [
+        "During which action was the person closest to the {obj}?",
+        "When was the person nearest to the {obj}: {options}?",
+    ],
     "dist_change": [
         "Between {a1} and {a2}, did the person get closer to the {obj} or farther from it?",
         "Compared with when they were {a1}, was the person closer to or farther from the {obj} while {a2}?",
@@ -178,6 +186,25 @@ def generate_qa(kitchen: Kitchen, episode: Episode, rng: np.random.Generator, pe
                     {"form": "same_side", "objects": [na, nb], "frames": [a.start_frame, a.stop_frame],
                      "directions": [labels[na], labels[nb]], "same": same}))
 
+    for i, a1 in enumerate(moments):  # one target at two moments
+        xy1, yaw1 = person_at(episode, a1.start_frame)
+        for a2 in moments[i + 1:]:
+            xy2, yaw2 = person_at(episode, a2.start_frame)
+            for name, box in targets.items():
+                if name in (a1.item, a2.item) or min(box.footprint_distance(xy1), box.footprint_distance(xy2)) < \
+                        MIN_DIST:
+                    continue
+                l1 = direction_label(bearing_deg(xy1, yaw1, box.center[:2]))
+                l2 = direction_label(bearing_deg(xy2, yaw2, box.center[:2]))
+                if l1 is None or l2 is None:
+                    continue
+                ans = (f"yes, it was {DIR_PHRASE[l1]} both times" if l1 == l2 else
+                       f"no, it was {DIR_PHRASE[l1]} while {a1.text} and {DIR_PHRASE[l2]} while {a2.text}")
+                cands["relative_direction"].append(QA(
+                    "relative_direction", tpl("two_moments", obj=name, a1=a1.text, a2=a2.text), ans,
+                    {"form": "two_moments", "object": name, "frames": [a1.start_frame, a2.start_frame],
+                     "directions": [l1, l2], "same": l1 == l2}))
+
     # relative_distance -------------------------------------------------------------------------------------------
     for i, a1 in enumerate(moments):
         xy1, _ = person_at(episode, a1.start_frame)
@@ -209,6 +236,25 @@ def generate_qa(kitchen: Kitchen, episode: Episode, rng: np.random.Generator, pe
                 cands["relative_distance"].append(QA(
                     "relative_distance", tpl("dist_pair", act=a.text, a=pair[0], b=pair[1]), f"the {closer}",
                     {"form": "pair", "objects": pair, "frames": [a.start_frame, a.stop_frame], "closer": closer}))
+
+    if len(moments) >= 2:  # during which action was the person closest to a target
+        for name, box in targets.items():
+            ms = [a for a in moments if a.item != name]
+            d = np.array([box.footprint_distance(person_at(episode, a.start_frame)[0]) for a in ms])
+            if len(ms) < 2:
+                continue
+            order = np.argsort(d, kind="stable")
+            if d[order[1]] - d[order[0]] <= PAIR_GAP:
+                continue
+            best = ms[int(order[0])]
+            shown = [ms[int(k)] for k in rng.permutation(len(ms))[:3]]
+            if best not in shown:
+                shown[-1] = best
+            options = ", ".join(a.text for a in shown[:-1]) + f" or {shown[-1].text}"
+            cands["relative_distance"].append(QA(
+                "relative_distance", tpl("closest_action", obj=name, options=options), f"while {best.text}",
+                {"form": "closest_action", "object": name, "frames": [a.start_frame for a in ms],
+                 "distances": [round(float(x), 4) for x in d], "answer_frames": [best.start_frame, best.stop_frame]}))
 
     # find_my_item ------------------------------------------------------------------------------------------------
     xy, yaw = person_at(episode, last)

@@ -6,8 +6,9 @@ score_answer("relative_direction", "to the right", "to the left") -> False
 Rules per question type (the reference decides which terms matter):
 - relative_direction: a yes/no reference needs the same polarity ("same side" = yes, "different/opposite" = no);
   otherwise the set of directions (left/right/front/behind) named must equal the reference's.
-- relative_distance: a closer/farther/same reference needs that word and none of the other two; otherwise the first
-  furniture/item named must be the reference's.
+- relative_distance: a closer/farther/same reference needs that word and none of the other two; a reference naming
+  an action ("while picking up the mug") needs the same first verb and item; otherwise the first furniture/item named
+  must be the reference's.
 - find_my_item: the first furniture named must be the reference's, and the directions must match when it gives one.
 - furniture_affordance: the first furniture named must be the reference's.
 - action_planning: the first verb (pick/put) must match and every item and furniture of the reference must appear.
@@ -47,8 +48,10 @@ TERMS: dict[str, dict[str, tuple[str, ...]]] = {
         "jar": ("jar",), "sponge": ("sponge",),
     },
     "verb": {
-        "pick": ("pick up", "picks up", "picking up", "pick", "take", "grab", "get", "fetch", "collect"),
-        "put": ("put", "place", "set down", "leave", "store", "move it", "carry it", "bring it"),
+        "pick": ("pick up", "picks up", "picking up", "picked up", "pick", "take", "taking", "took", "grab",
+                 "grabbing", "get", "fetch", "collect"),
+        "put": ("put", "putting", "place", "placing", "placed", "set down", "leave", "left it", "store",
+                "move it", "carry it", "bring it"),
     },
 }
 _PATTERNS = {
@@ -56,6 +59,10 @@ _PATTERNS = {
           for canon, phs in terms.items() for ph in phs]
     for cat, terms in TERMS.items()
 }
+
+
+_LEFT_VERB = re.compile(
+    r"\b(?:i|you|he|she|they|we|person|had|have|has) left\b|\bleft (?:it|them|the|my|your)\b")
 
 
 def normalize(text: str) -> str:
@@ -66,6 +73,8 @@ def normalize(text: str) -> str:
 def extract(text: str, category: str) -> list[str]:
     """Canonical terms of `category` in order of appearance (overlapping shorter matches dropped)."""
     t = normalize(text)
+    if category == "direction":  # "I left it in the fridge" names no direction
+        t = _LEFT_VERB.sub(lambda m: "_" * len(m.group(0)), t)
     hits = []
     for canon, pat, n in _PATTERNS[category]:
         for m in pat.finditer(t):
@@ -112,6 +121,10 @@ def score_answer(question_type: str, prediction: str, reference: str) -> bool:
         rd = set(extract(ref, "distance"))
         if rd:
             return set(extract(pred, "distance")) == rd
+        rv = extract(ref, "verb")
+        if rv:  # "while picking up the mug ...": the same action (verb + item; each item moves once per clip)
+            pv = extract(pred, "verb")
+            return bool(pv) and pv[0] == rv[0] and set(extract(ref, "item")) <= set(extract(pred, "item"))
         r = _first(ref, "furniture", "item")
         if r:
             return _first(pred, "furniture", "item") == r
