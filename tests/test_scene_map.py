@@ -220,3 +220,58 @@ def test_ply_export_is_read_by_open3d_and_reloads(tmp_path):
     assert np.array_equal(
         SceneMap.load(ascii_path, SceneMapConfig(voxel_size=0.1)).arrays()["keys"], m.arrays()["keys"]
     )
+
+
+def test_depth_inside_a_known_box_lands_on_its_faces():
+    """A camera inside a 4 x 3 x 2.5 m box, looking into a corner: every voxel is within one voxel of a face."""
+    lo, hi = np.array([-2.0, -1.5, 0.0]), np.array([2.0, 1.5, 2.5])
+    T = camera_looking_down(height=1.2, pitch_deg=20.0)
+    yaw = np.deg2rad(30.0)
+    Rz = np.array([[np.cos(yaw), -np.sin(yaw), 0], [np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
+    T[:3, :3] = Rz @ T[:3, :3]
+    v, u = np.mgrid[0:H, 0:W].astype(np.float64)
+    rays = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], axis=-1)
+    d = rays @ T[:3, :3].T
+    with np.errstate(divide="ignore"):
+        t = np.where(d > 0, (hi - T[:3, 3]) / d, (lo - T[:3, 3]) / d)
+    depth = t.min(axis=-1).astype(np.float32)  # exact distance along the optical axis to the first face
+    voxel = 0.05
+    m = SceneMap(SceneMapConfig(voxel_size=voxel, max_range=10.0))
+    assert m.integrate_depth(depth, K, T) == H * W
+    p = m.snapshot().points.astype(np.float64)
+    face_dist = np.minimum(np.abs(p - lo), np.abs(p - hi)).min(axis=1)
+    assert np.all(face_dist <= voxel)
+    assert np.all((p >= lo - voxel) & (p <= hi + voxel))
+    # the corner the camera looks into: the floor, two walls are all seen
+    assert (np.abs(p[:, 2]) <= voxel).any() and (np.abs(p[:, 0] - 2.0) <= voxel).any()
+    assert (np.abs(p[:, 1] - 1.5) <= voxel).any()
+
+
+def test_optional_feature_channels(tmp_path):
+    m = SceneMap(SceneMapConfig(voxel_size=1.0, feature_dim=2))
+    xyz = np.array([[0.5, 0.5, 0.5], [0.6, 0.5, 0.5], [3.5, 0.5, 0.5]])
+    m.integrate_points(xyz, features=np.array([[1.0, 2.0], [3.0, 4.0], [np.nan, 0.0]]))
+    scene, feats = m.snapshot_with_features()
+    assert scene.num_points == 2 and feats.dtype == np.float32
+    np.testing.assert_array_equal(feats, [[2.0, 3.0], [0.0, 0.0]])  # mean of two; NaN row = no features
+    m.integrate_points(xyz[:1])  # a point without features leaves the mean alone
+    m.integrate_points(xyz[:1], features=np.array([[5.0, 6.0]]))
+    a = m.arrays()
+    np.testing.assert_allclose(a["features"][0], [3.0, 4.0])  # (2 * (2, 3) + (5, 6)) / 3
+    assert a["feature_hits"].tolist() == [3, 0] and a["hits"].tolist() == [4, 1]
+    assert m.stats()["counts"]["nonfinite_features"] == 1
+    assert m.nbytes == 2 * m.bytes_per_voxel == 2 * (36 + 8 + 8)
+    with pytest.raises(InputError, match="feature_dim=2"):
+        m.integrate_points(xyz, features=np.zeros((3, 5)))
+    with pytest.raises(InputError, match="feature_dim=0"):
+        SceneMap().integrate_points(xyz, features=np.zeros((3, 2)))
+    depth = np.full((H, W), 2.0, np.float32)
+    n = m.integrate_depth(depth, K, np.eye(4), features=np.ones((H, W, 2), np.float32), stride=8)
+    assert n == (H // 8) * (W // 8)
+    path = tmp_path / "f.npz"
+    m.save(path)
+    r = SceneMap.load(path)
+    for name, arr in m.arrays().items():
+        assert np.array_equal(arr, r.arrays()[name]), name
+    with pytest.raises(DataError, match="feature_dim 2"):
+        SceneMap.load(path, SceneMapConfig(voxel_size=1.0))
