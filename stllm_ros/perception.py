@@ -1,0 +1,697 @@
+"""Perception: the ROS adapter that feeds stllm_core.memory from camera, depth, point-cloud and TF topics.
+
+`Perception(node, config)` attaches to ANY rclpy node (the reasoner hosts it in-process; `perception_node.py` hosts it
+standalone). It owns no node and never spins: the host's executor runs its callbacks.
+
+Threads and work:
+- Subscription callbacks only convert the message to numpy (vectorised, ~1 ms for 640x480) and put it on a bounded
+  queue; when the queue is full the OLDEST item is dropped and counted (`dropped["queue_full"]`).
+- TF callbacks validate each transform and insert it into the TransformBuffer (cheap, as tf2_ros does).
+- One worker thread looks up T_world_cam at each image/depth/cloud stamp (waiting up to `pose_wait_sec` for TF to
+  catch up: an item whose pose is not known yet is kept pending, never given a guessed pose), adds keyframes to the
+  FrameBuffer, integrates depth/points into the SceneMap and publishes the map.
+
+QoS: camera topics use `sensor_qos` ("sensor_data" = best effort, depth 5, matches both best-effort and reliable
+publishers; "reliable" only matches reliable publishers but never loses a frame on the wire). Large frames over DDS
+between processes need the SHM profile in config/fastdds_localhost.xml with best effort (see the README, "DDS").
+/tf is reliable volatile depth 100, /tf_static reliable transient-local depth 100 (as tf2_ros), the map is reliable
+transient-local depth 1 (RViz late joiners get it), /diagnostics reliable depth 10.
+
+Bad input never crashes and never yields a wrong pose: each cause is counted in `stats()["bad_input"]` (the item is
+dropped) and logged at most once per `log_throttle_sec` per cause with the running count.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+
+from stllm_core.config import check, check_choice, from_dict
+from stllm_core.errors import ConfigError, InputError
+from stllm_core.memory import FrameBuffer, FrameBufferConfig, SceneMap, SceneMapConfig, TransformBuffer
+from stllm_core.types import Clip, Frame
+from stllm_ros import conversions as cv
+
+try:  # built by the integrator from third_party/ on bare machines; the real one on a ROS distro
+    from tf2_msgs.msg import TFMessage
+except ImportError:  # pragma: no cover - depends on the install
+    TFMessage = None
+
+
+@dataclass
+class PerceptionConfig:
+    """Topics, frames and bounds of Perception. Empty topic = that input is disabled. Times in seconds."""
+
+    image_topic: str = "/camera/color/image_raw"
+    camera_info_topic: str = "/camera/color/camera_info"
+    depth_topic: str = ""  # depth image; registered to the colour camera unless depth_info_topic is set
+    depth_info_topic: str = ""  # CameraInfo of the depth image when it is not aligned to the colour image
+    points_topic: str = ""  # PointCloud2 from another mapper (nvblox, RTAB-Map), any frame with TF to world
+    tf_topic: str = "/tf"
+    tf_static_topic: str = "/tf_static"
+    map_topic: str = "/stllm/map"  # "" disables publishing
+    diagnostics_topic: str = "/diagnostics"  # "" disables
+    world_frame: str = "map"
+    camera_frame: str = ""  # "" = the image header's frame_id (the optical frame, REP-103)
+    sensor_qos: str = "sensor_data"  # "sensor_data" (best effort) | "reliable"
+    queue_size: int = 8  # converted messages waiting for the worker; drop-oldest beyond
+    max_pending: int = 32  # items waiting for their TF; drop-oldest beyond
+    pose_wait_sec: float = 0.5  # wall time an item may wait for TF at its stamp before it is dropped
+    keyframe_period_sec: float = 0.0  # keep at most one image per period (0 = every image)
+    depth_stride: int = 4  # integrate every n-th depth pixel in both directions
+    tf_cache_sec: float = 10.0
+    time_jump_reset_sec: float = 3.0  # an image this much older than the last one = clock reset (bag loop): clear
+    publish_map_period: float = 2.0  # 0 disables periodic map publishing
+    diagnostics_period: float = 1.0  # 0 disables diagnostics
+    log_throttle_sec: float = 30.0
+    map_path: str = ""  # load the map from here at start (if present) and save it on close
+    buffer: FrameBufferConfig = field(default_factory=FrameBufferConfig)
+    map: SceneMapConfig = field(default_factory=SceneMapConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.buffer, dict):
+            self.buffer = from_dict(FrameBufferConfig, self.buffer, "PerceptionConfig.buffer")
+        if isinstance(self.map, dict):
+            self.map = from_dict(SceneMapConfig, self.map, "PerceptionConfig.map")
+        check(bool(self.image_topic), "image_topic", self.image_topic, "a topic name")
+        check(bool(self.camera_info_topic), "camera_info_topic", self.camera_info_topic, "a topic name")
+        check(bool(self.world_frame) and "/" not in self.world_frame, "world_frame", self.world_frame, "a frame id")
+        check_choice("sensor_qos", self.sensor_qos, ("sensor_data", "reliable"))
+        for name in ("queue_size", "max_pending", "depth_stride"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
+        for name in ("pose_wait_sec", "keyframe_period_sec", "publish_map_period", "diagnostics_period"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and value >= 0, name, value, "a number >= 0")
+        for name in ("tf_cache_sec", "time_jump_reset_sec", "log_throttle_sec"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and value > 0, name, value, "a number > 0")
+        if self.map.frame_id != self.world_frame:  # the map is built in world_frame by construction
+            self.map = dataclasses.replace(self.map, frame_id=self.world_frame)
+
+
+# ------------------------------------------------------------------------------------------------ Perception
+
+
+@dataclass
+class _Item:
+    kind: str  # "image" | "depth" | "points"
+    stamp: float
+    frame_id: str
+    data: Any  # image: (rgb, K); depth: (depth, K); points: (xyz, rgb)
+    t_enqueued: float = field(default_factory=time.monotonic)
+
+
+def _qos(reliable: bool, depth: int, transient: bool = False) -> QoSProfile:
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST,
+        depth=depth,
+        reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
+        durability=DurabilityPolicy.TRANSIENT_LOCAL if transient else DurabilityPolicy.VOLATILE,
+    )
+
+
+def _matrix(t: np.ndarray, q: np.ndarray) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_quat(q).as_matrix()
+    T[:3, 3] = t
+    return T
+
+
+class Perception:
+    """Subscriptions + TF feeding + a worker thread that fills FrameBuffer/SceneMap; map and diagnostics publishing.
+
+    perception = Perception(node, PerceptionConfig(image_topic=..., world_frame="map"))
+    clip = perception.clip(window_sec=10.0, num_frames=8)   # frames (with T_world_cam) + map snapshot
+    perception.close()
+    """
+
+    def __init__(self, node: Node, config: PerceptionConfig | None = None):
+        if TFMessage is None:
+            raise ConfigError(
+                "tf2_msgs is not importable; build the workspace (scripts/build.sh) and source scripts/env.sh "
+                "(on a ROS distro, install ros-<distro>-tf2-msgs)."
+            )
+        self.node = node
+        self.config = config = config or PerceptionConfig()
+        self._log = node.get_logger()
+        self._lock = threading.Lock()  # counters, camera info, last stamps, frame buffer
+        self._tf_lock = threading.RLock()  # TransformBuffer + TF bookkeeping
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queue_cv = threading.Condition(threading.Lock())
+        self._stop = threading.Event()
+
+        self.transforms = TransformBuffer(cache_sec=config.tf_cache_sec)
+        self.frames = FrameBuffer(config.buffer)
+        self.scene_map = SceneMap(config.map)
+        if config.map_path:
+            self._load_map(config.map_path)
+
+        self._counts: collections.Counter[str] = collections.Counter()  # received / added / integrated
+        self._dropped: collections.Counter[str] = collections.Counter()  # items lost with a cause
+        self._bad: collections.Counter[str] = collections.Counter()  # bad input by cause
+        self._last_logged: dict[str, float] = {}
+        self._info: dict[str, tuple[np.ndarray, int, int]] = {}  # topic kind -> (K, width, height)
+        self._last_image_stamp: float | None = None
+        self._last_keyframe_stamp: float | None = None
+        self._recent_rgb: collections.deque[tuple[float, str, np.ndarray]] = collections.deque(maxlen=8)
+        self._tf_parent: dict[str, str] = {}
+        self._tf_last_stamp: dict[str, float] = {}
+        self._static_tf: dict[str, tuple] = {}
+        self._tf_version = 0
+        self._tf_last_rx: float | None = None
+        self._last_pose_error = ""
+        self._map_version = 0
+        self._map_published_version = -1
+        self._next_map_publish = 0.0
+
+        sensor = qos_profile_sensor_data if config.sensor_qos == "sensor_data" else _qos(True, 5)
+        sensors, tf_group = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
+        subs = [
+            (Image, config.image_topic, self._on_image, sensor, sensors),
+            (CameraInfo, config.camera_info_topic, self._on_color_info, sensor, sensors),
+            (TFMessage, config.tf_topic, self._on_tf, _qos(True, 100), tf_group),
+            (TFMessage, config.tf_static_topic, self._on_tf_static, _qos(True, 100, transient=True), tf_group),
+            (Image, config.depth_topic, self._on_depth, sensor, sensors),
+            (CameraInfo, config.depth_info_topic, self._on_depth_info, sensor, sensors),
+            (PointCloud2, config.points_topic, self._on_points, sensor, sensors),
+        ]
+        self._subs = [
+            node.create_subscription(msg_type, topic, callback, qos, callback_group=group)
+            for msg_type, topic, callback, qos, group in subs
+            if topic
+        ]
+        self._map_pub = None
+        if config.map_topic:
+            self._map_pub = node.create_publisher(PointCloud2, config.map_topic, _qos(True, 1, transient=True))
+        self._diag_pub = None
+        self._diag_timer = None
+        if config.diagnostics_topic and config.diagnostics_period > 0:
+            self._diag_pub = node.create_publisher(DiagnosticArray, config.diagnostics_topic, _qos(True, 10))
+            self._diag_timer = node.create_timer(config.diagnostics_period, self.publish_diagnostics)
+        self._worker = threading.Thread(target=self._run, name="stllm-perception", daemon=True)
+        self._worker.start()
+        self._log.info(
+            f"perception: image={config.image_topic} info={config.camera_info_topic} depth={config.depth_topic or '-'} "
+            f"points={config.points_topic or '-'} world={config.world_frame} qos={config.sensor_qos}"
+        )
+
+    # ------------------------------------------------------------------------------------------ public API
+
+    def clip(self, window_sec: float, num_frames: int, strategy: str = "uniform", now: float | None = None) -> Clip:
+        """The last `window_sec` s as up to `num_frames` keyframes (time order, poses in world_frame) + map snapshot."""
+        with self._lock:
+            frames = self.frames.select(window_sec, num_frames, now=now, strategy=strategy)
+        return Clip(frames=tuple(frames), scene=self.scene_map.snapshot())
+
+    def latest_frame(self) -> Frame | None:
+        with self._lock:
+            frames = self.frames.frames()
+        return frames[-1] if frames else None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and fill levels (plain Python types): what arrived, what is held, what was dropped and why."""
+        with self._lock:
+            out = {
+                "counts": dict(self._counts),
+                "dropped": dict(self._dropped),
+                "bad_input": dict(self._bad),
+                "buffer": self.frames.stats(),
+                "last_image_stamp": self._last_image_stamp,
+                "last_pose_error": self._last_pose_error,
+            }
+        with self._queue_cv:
+            out["queued"] = len(self._queue)
+        out["pending"] = self._pending_count
+        out["map"] = self.scene_map.stats()
+        with self._tf_lock:
+            dynamic = [s for c, s in self._tf_last_stamp.items() if c not in self._static_tf]
+            out["tf"] = {
+                "frames": len(self._tf_parent),
+                "static": len(self._static_tf),
+                "latest_stamp": max(dynamic) if dynamic else None,
+                "last_rx_age_sec": None if self._tf_last_rx is None else time.monotonic() - self._tf_last_rx,
+            }
+        return out
+
+    def idle(self) -> bool:
+        """True when nothing is queued or pending (all that arrived has been handled)."""
+        with self._queue_cv:
+            queued = len(self._queue)
+        return queued == 0 and self._pending_count == 0 and not self._busy
+
+    def close(self) -> None:
+        """Stop the worker, remove subscriptions/publishers/timers from the node, save the map if map_path is set."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        with self._queue_cv:
+            self._queue_cv.notify_all()
+        self._worker.join(10.0)
+        for sub in self._subs:
+            self.node.destroy_subscription(sub)
+        self._subs = []
+        if self._diag_timer is not None:
+            self.node.destroy_timer(self._diag_timer)
+        for pub in (self._map_pub, self._diag_pub):
+            if pub is not None:
+                self.node.destroy_publisher(pub)
+        if self.config.map_path:
+            try:
+                self.scene_map.save(self.config.map_path)
+                self._log.info(f"perception: map saved to {self.config.map_path} ({len(self.scene_map)} voxels)")
+            except Exception as e:  # a failed save must not hide the shutdown
+                self._log.error(f"perception: could not save the map to {self.config.map_path}: {e}")
+
+    # ------------------------------------------------------------------------------------ bad-input accounting
+
+    def _bad_input(self, cause: str, message: str) -> None:
+        with self._lock:
+            self._bad[cause] += 1
+            n = self._bad[cause]
+            now = time.monotonic()
+            last = self._last_logged.get(cause)
+            should_log = last is None or now - last >= self.config.log_throttle_sec
+            if should_log:
+                self._last_logged[cause] = now
+        if should_log:
+            self._log.warning(f"perception: {cause}: {message} (seen {n} time(s); throttled)")
+
+    def _drop(self, cause: str, n: int = 1) -> None:
+        with self._lock:
+            self._dropped[cause] += n
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
+
+    # ---------------------------------------------------------------------------------------------- callbacks
+
+    def _enqueue(self, item: _Item) -> None:
+        with self._queue_cv:
+            if len(self._queue) >= self.config.queue_size:
+                self._queue.popleft()
+                self._drop("queue_full")
+            self._queue.append(item)
+            self._queue_cv.notify()
+
+    def _on_color_info(self, msg: CameraInfo) -> None:
+        self._store_info("color", msg)
+
+    def _on_depth_info(self, msg: CameraInfo) -> None:
+        self._store_info("depth", msg)
+
+    def _store_info(self, kind: str, msg: CameraInfo) -> None:
+        try:
+            K = cv.camera_info_to_K(msg)
+        except InputError as e:
+            self._bad_input("bad_camera_info", str(e))
+            return
+        with self._lock:
+            self._info[kind] = (K, int(msg.width), int(msg.height))
+            self._counts["camera_info_received"] += 1
+
+    def _camera_K(self, kind: str, width: int, height: int, cause: str) -> np.ndarray | None:
+        with self._lock:
+            info = self._info.get(kind) or (self._info.get("color") if kind == "depth" else None)
+        if info is None:
+            self._drop(f"no_camera_info_{kind}")
+            return None
+        K, w, h = info
+        if (w, h) != (width, height):
+            self._bad_input(cause, f"{kind} image is {width}x{height} but its CameraInfo says {w}x{h}")
+            return None
+        return K
+
+    def _on_image(self, msg: Image) -> None:
+        self._count("images_received")
+        stamp = cv.stamp_to_sec(msg.header.stamp)
+        frame_id = self.config.camera_frame or msg.header.frame_id.lstrip("/")
+        if not frame_id:
+            self._bad_input("no_frame_id", "image without header.frame_id and no camera_frame configured")
+            return
+        with self._lock:
+            last = self._last_image_stamp
+        if last is not None and stamp <= last:
+            if last - stamp > self.config.time_jump_reset_sec:
+                self._reset(f"image stamp jumped back {last - stamp:.3f} s (bag loop or clock reset)")
+            else:
+                self._bad_input("image_out_of_order", f"image stamp {stamp:.6f} <= previous {last:.6f}")
+                return
+        with self._lock:
+            self._last_image_stamp = stamp
+            kf = self._last_keyframe_stamp
+        period = self.config.keyframe_period_sec
+        if period > 0 and kf is not None and stamp - kf < period:
+            self._count("images_skipped_keyframe_period")
+            return
+        if msg.encoding not in cv.COLOR_ENCODINGS:
+            self._bad_input("bad_encoding", f"image encoding {msg.encoding!r} on {self.config.image_topic}")
+            return
+        K = self._camera_K("color", int(msg.width), int(msg.height), "image_info_size_mismatch")
+        if K is None:
+            return
+        try:
+            rgb = cv.image_to_rgb(msg)
+        except InputError as e:
+            self._bad_input("bad_image", str(e))
+            return
+        with self._lock:
+            self._last_keyframe_stamp = stamp
+        self._enqueue(_Item("image", stamp, frame_id, (rgb, K)))
+
+    def _on_depth(self, msg: Image) -> None:
+        self._count("depth_received")
+        stamp = cv.stamp_to_sec(msg.header.stamp)
+        frame_id = self.config.camera_frame or msg.header.frame_id.lstrip("/")
+        if not frame_id:
+            self._bad_input("no_frame_id", "depth image without header.frame_id and no camera_frame configured")
+            return
+        if msg.encoding not in cv.DEPTH_ENCODINGS:
+            self._bad_input("bad_depth_encoding", f"depth encoding {msg.encoding!r} on {self.config.depth_topic}")
+            return
+        K = self._camera_K("depth", int(msg.width), int(msg.height), "depth_info_size_mismatch")
+        if K is None:
+            return
+        try:
+            depth = cv.image_to_depth(msg)
+        except InputError as e:
+            self._bad_input("bad_depth", str(e))
+            return
+        s = self.config.depth_stride
+        depth = np.ascontiguousarray(depth[::s, ::s])  # (H/s, W/s); pixel u' <-> u = s*u'
+        K = K.copy()
+        K[0, :] /= s  # fx/s, cx/s (exact for integer subsampling of pixel indices)
+        K[1, :] /= s
+        finite = np.isfinite(depth)
+        if not finite.all():
+            if np.isinf(depth).any():  # NaN is REP-117's "no measurement"; +-Inf is counted as odd input
+                self._bad_input("depth_inf", f"depth image at {stamp:.6f} has +-Inf pixels (masked)")
+            depth[~finite] = np.nan
+        if not (finite & (depth > 0)).any():
+            self._drop("depth_empty")
+            return
+        self._enqueue(_Item("depth", stamp, frame_id, (depth, K)))
+
+    def _on_points(self, msg: PointCloud2) -> None:
+        self._count("clouds_received")
+        stamp = cv.stamp_to_sec(msg.header.stamp)
+        frame_id = msg.header.frame_id.lstrip("/")
+        if not frame_id:
+            self._bad_input("no_frame_id", "PointCloud2 without header.frame_id")
+            return
+        try:
+            xyz, rgb = cv.pointcloud2_to_xyz_rgb(msg)
+        except InputError as e:
+            self._bad_input("bad_cloud", str(e))
+            return
+        if xyz.shape[0] == 0:
+            self._drop("cloud_empty")
+            return
+        if rgb is None:
+            rgb = np.full(xyz.shape, 128, np.uint8)
+        self._enqueue(_Item("points", stamp, frame_id, (xyz, rgb)))
+
+    def _on_tf(self, msg) -> None:
+        self._add_transforms(msg, static=False)
+
+    def _on_tf_static(self, msg) -> None:
+        self._add_transforms(msg, static=True)
+
+    def _add_transforms(self, msg, static: bool) -> None:
+        for tmsg in msg.transforms:
+            try:
+                parent, child, stamp, t, q = cv.transform_from_msg(tmsg)
+            except InputError as e:
+                self._bad_input("tf_bad_quaternion" if "quaternion" in str(e) else "tf_invalid", str(e))
+                continue
+            with self._tf_lock:
+                last = self._tf_last_stamp.get(child)
+                if not static and last is not None and last - stamp > self.config.time_jump_reset_sec:
+                    self._reset(f"TF {parent} -> {child} jumped back {last - stamp:.3f} s (bag loop or clock reset)")
+                known = self._tf_parent.get(child)
+                if known is not None and known != parent:
+                    problem = f"{child!r} moved from parent {known!r} to {parent!r}; kept {known!r}"
+                else:
+                    problem = ""
+                    last = self._tf_last_stamp.get(child)
+                    if not static and last is not None and stamp < last:
+                        problem = "out_of_order"
+                    else:
+                        try:
+                            self.transforms.set_transform(parent, child, stamp, t, q, static=static)
+                        except (InputError, ValueError, LookupError) as e:
+                            problem = f"error: {e}"
+                        else:
+                            self._tf_parent[child] = parent
+                            self._tf_last_stamp[child] = stamp
+                            if static:
+                                self._static_tf[child] = (parent, child, stamp, t, q)
+                            self._tf_version += 1
+                            self._tf_last_rx = time.monotonic()
+            if problem == "out_of_order":
+                self._bad_input("tf_out_of_order", f"{parent} -> {child} at {stamp:.6f} is older than the last one")
+            elif problem.startswith("error: "):
+                self._bad_input("tf_rejected", problem[7:])
+            elif problem:
+                self._bad_input("tf_parent_change", problem)
+        with self._queue_cv:
+            self._queue_cv.notify()  # pending items may now resolve
+
+    def _reset(self, why: str) -> None:
+        """Forget the time-indexed state (TF history, keyframes); keep static TF and the world map."""
+        self._log.warning(f"perception: {why}; clearing the TF history and the frame buffer")
+        with self._tf_lock:
+            self.transforms = TransformBuffer(cache_sec=self.config.tf_cache_sec)
+            for parent, child, stamp, t, q in self._static_tf.values():
+                self.transforms.set_transform(parent, child, stamp, t, q, static=True)
+            self._tf_parent = {c: v[0] for c, v in self._static_tf.items()}
+            self._tf_last_stamp = {}
+        with self._lock:
+            self.frames.clear()
+            self._last_image_stamp = None
+            self._last_keyframe_stamp = None
+            self._counts["resets"] += 1
+        with self._queue_cv:
+            self._drop("reset", len(self._queue))
+            self._queue.clear()
+            self._reset_pending = True
+
+    # ------------------------------------------------------------------------------------------------ worker
+
+    _pending_count = 0
+    _busy = False
+    _reset_pending = False
+
+    def _run(self) -> None:
+        pending: dict[str, collections.deque[_Item]] = {k: collections.deque() for k in ("image", "depth", "points")}
+        seen_tf_version = -1
+        while not self._stop.is_set():
+            with self._queue_cv:
+                if not self._queue and self._tf_version == seen_tf_version:
+                    self._queue_cv.wait(0.05)
+                items = list(self._queue)
+                self._queue.clear()
+                if self._reset_pending:
+                    self._reset_pending = False
+                    n = sum(len(d) for d in pending.values())
+                    for d in pending.values():
+                        d.clear()
+                    self._drop("reset", n)
+                self._busy = bool(items)
+            try:
+                for item in items:
+                    queue = pending[item.kind]
+                    if len(queue) >= self.config.max_pending:
+                        queue.popleft()
+                        self._drop("pending_full")
+                    queue.append(item)
+                seen_tf_version = self._tf_version
+                for queue in pending.values():
+                    self._resolve(queue)
+                self._pending_count = sum(len(d) for d in pending.values())
+                self._maybe_publish_map()
+            except Exception as e:  # the worker must survive anything a message can cause
+                self._bad_input("worker_error", f"{type(e).__name__}: {e}")
+            finally:
+                self._busy = False
+
+    def _lookup(self, frame_id: str, stamp: float) -> np.ndarray:
+        with self._tf_lock:
+            return self.transforms.lookup(
+                self.config.world_frame, frame_id, stamp, tolerance=self.config.buffer.pose_tolerance_sec
+            )
+
+    def _tf_covers(self, frame_id: str, stamp: float) -> bool:
+        """True when every dynamic transform above `frame_id` and above the world frame has a sample at or after
+        `stamp`, so the lookup interpolates instead of extrapolating. Unknown frames count as covered (the lookup
+        then says what is missing)."""
+        with self._tf_lock:
+            for start in (frame_id, self.config.world_frame):
+                frame, seen = start, set()
+                while frame in self._tf_parent and frame not in seen:
+                    seen.add(frame)
+                    if frame not in self._static_tf and self._tf_last_stamp.get(frame, -np.inf) < stamp:
+                        return False
+                    frame = self._tf_parent[frame]
+        return True
+
+    def _resolve(self, queue: collections.deque[_Item]) -> None:
+        """Handle items in stamp order; stop at the first whose pose is not available yet (TF arrives in order)."""
+        while queue:
+            item = queue[0]
+            waited = time.monotonic() - item.t_enqueued
+            if waited < self.config.pose_wait_sec and not self._tf_covers(item.frame_id, item.stamp):
+                return  # TF has not reached this stamp yet: wait rather than extrapolate within the tolerance
+            try:
+                T = self._lookup(item.frame_id, item.stamp)
+            except LookupError as e:
+                self._last_pose_error = str(e)
+                if waited < self.config.pose_wait_sec:
+                    return  # wait for TF to catch up
+                queue.popleft()
+                cause = "no_pose_" + type(e).__name__
+                self._drop(cause)
+                self._bad_input(cause, f"no {self.config.world_frame} <- {item.frame_id} pose at {item.stamp:.6f}: {e}")
+                continue
+            queue.popleft()
+            if not np.all(np.isfinite(T)):
+                self._bad_input("pose_nonfinite", f"non-finite pose for {item.frame_id} at {item.stamp:.6f}")
+                continue
+            self._handle(item, T)
+
+    def _handle(self, item: _Item, T: np.ndarray) -> None:
+        if item.kind == "image":
+            rgb, K = item.data
+            with self._lock:
+                try:
+                    self.frames.add(item.stamp, rgb, K, T)
+                except InputError as e:
+                    self._bad_input("frame_rejected", str(e))
+                    return
+                self._counts["frames_added"] += 1
+                self._recent_rgb.append((item.stamp, item.frame_id, rgb))
+        elif item.kind == "depth":
+            depth, K = item.data  # already subsampled by depth_stride (K scaled to match)
+            color = self._matching_rgb(item.stamp, item.frame_id, depth.shape)
+            self.scene_map.integrate_depth(depth, K, T, image=color, stamp=item.stamp, stride=1)
+            self._count("depth_integrated")
+            self._map_version += 1
+        else:
+            xyz, rgb = item.data
+            world = xyz.astype(np.float64) @ T[:3, :3].T + T[:3, 3]  # (N, 3) world_frame metres
+            self.scene_map.integrate_points(world, rgb, stamp=item.stamp)
+            self._count("clouds_integrated")
+            self._map_version += 1
+
+    def _matching_rgb(self, stamp: float, frame_id: str, shape: tuple[int, int]) -> np.ndarray | None:
+        """The colour image of the same camera and stamp (within 1/60 s), subsampled like the depth, if any."""
+        s = self.config.depth_stride
+        with self._lock:
+            candidates = [(abs(ts - stamp), rgb) for ts, fid, rgb in self._recent_rgb if fid == frame_id]
+        if not candidates:
+            return None
+        dt, rgb = min(candidates, key=lambda c: c[0])
+        if dt > 1.0 / 60.0:
+            return None
+        sub = rgb[::s, ::s]
+        return np.ascontiguousarray(sub) if sub.shape[:2] == shape else None
+
+    # --------------------------------------------------------------------------------------- map / diagnostics
+
+    def _load_map(self, path: str) -> None:
+        import os
+
+        if not os.path.exists(path):
+            self._log.info(f"perception: no saved map at {path}; starting empty")
+            return
+        try:
+            self.scene_map = SceneMap.load(path)
+            self._map_version += 1
+            self._log.info(f"perception: map loaded from {path} ({len(self.scene_map)} voxels)")
+        except Exception as e:
+            self._log.error(f"perception: could not load the map from {path}: {e}; starting empty")
+
+    def publish_map(self) -> int:
+        """Publish the current map snapshot now (world frame); returns the number of points."""
+        if self._map_pub is None:
+            return 0
+        scene = self.scene_map.snapshot()
+        msg = cv.array_to_pointcloud2(scene.points, scene.colors, frame_id=self.config.world_frame)
+        msg.header.stamp = self.node.get_clock().now().to_msg()
+        self._map_pub.publish(msg)
+        self._count("maps_published")
+        return scene.num_points
+
+    def _maybe_publish_map(self) -> None:
+        period = self.config.publish_map_period
+        if period <= 0 or self._map_pub is None or self._map_version == self._map_published_version:
+            return
+        now = time.monotonic()
+        if now < self._next_map_publish:
+            return
+        self._next_map_publish = now + period
+        self._map_published_version = self._map_version
+        self.publish_map()
+
+    def diagnostics(self) -> DiagnosticStatus:
+        s = self.stats()
+        level, messages = DiagnosticStatus.OK, []
+        if s["counts"].get("frames_added", 0) == 0:
+            level, messages = DiagnosticStatus.WARN, ["no keyframe yet"]
+        if s["tf"]["last_rx_age_sec"] is None or s["tf"]["last_rx_age_sec"] > 5.0:
+            level = DiagnosticStatus.WARN
+            messages.append("no TF for 5 s" if s["tf"]["last_rx_age_sec"] is not None else "no TF received")
+        if s["last_pose_error"]:
+            messages.append(f"last pose error: {s['last_pose_error']}")
+        buf, smap = s["buffer"], s["map"]
+        values = {
+            "frames_held": buf["frames"],
+            "max_frames": buf["max_frames"],
+            "buffer_bytes": buf["bytes"],
+            "max_bytes": buf["max_bytes"],
+            "buffer_fill": buf["fill"],
+            "queued": s["queued"],
+            "pending": s["pending"],
+            "map_voxels": smap["voxels"],
+            "max_voxels": smap["max_voxels"],
+            "map_bytes": smap["bytes"],
+            "tf_frames": s["tf"]["frames"],
+            "tf_static_frames": s["tf"]["static"],
+            "tf_latest_stamp": s["tf"]["latest_stamp"],
+            "tf_last_rx_age_sec": s["tf"]["last_rx_age_sec"],
+        }
+        values.update({f"count.{k}": v for k, v in s["counts"].items()})
+        values.update({f"dropped.{k}": v for k, v in s["dropped"].items()})
+        values.update({f"bad_input.{k}": v for k, v in s["bad_input"].items()})
+        return DiagnosticStatus(
+            level=level,
+            name=f"{self.node.get_name()}: perception",
+            message="; ".join(messages) or "ok",
+            hardware_id=self.config.image_topic,
+            values=[
+                KeyValue(key=k, value="" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+                for k, v in values.items()
+            ],
+        )
+
+    def publish_diagnostics(self) -> None:
+        if self._diag_pub is None:
+            return
+        msg = DiagnosticArray()
+        msg.header.stamp = self.node.get_clock().now().to_msg()
+        msg.status = [self.diagnostics()]
+        self._diag_pub.publish(msg)

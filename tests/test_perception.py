@@ -1,0 +1,455 @@
+"""Perception over real rclpy/Fast DDS: a camera publisher in ANOTHER process, bad input, depth -> map, diagnostics.
+
+Run as a script (`python tests/test_perception.py --publish ...`) this file is the fake camera + TF publisher used by
+the cross-process test: 640x480 rgb8 + CameraInfo + /tf at 30 Hz along a known trajectory, where the pose of the
+camera is a closed-form function of the stamp (linear translation, constant-rate yaw: exactly what linear + slerp
+interpolation reproduces), so every held keyframe can be checked against it to 1e-6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+W, H, RATE = 640, 480, 30.0
+K_CAM = np.array([[525.0, 0.0, 319.5], [0.0, 525.0, 239.5], [0.0, 0.0, 1.0]])
+VEL = np.array([0.2, -0.1, 0.05])  # m/s of base_link in odom
+YAW_RATE = 0.3  # rad/s about odom z
+MAP_ODOM = (np.array([1.0, 2.0, 0.0]), Rotation.from_euler("z", 0.5).as_quat())
+BASE_CAM = (np.array([0.1, 0.0, 0.5]), Rotation.from_euler("xyz", [-math.pi / 2, 0.0, -math.pi / 2]).as_quat())
+
+
+def odom_base(t: float, t0: float) -> tuple[np.ndarray, np.ndarray]:
+    dt = t - t0
+    return VEL * dt, Rotation.from_rotvec([0.0, 0.0, YAW_RATE * dt]).as_quat()
+
+
+def matrix(tq) -> np.ndarray:
+    T = np.eye(4)
+    T[:3, :3] = Rotation.from_quat(tq[1]).as_matrix()
+    T[:3, 3] = tq[0]
+    return T
+
+
+def expected_T_map_cam(t: float, t0: float) -> np.ndarray:
+    return matrix(MAP_ODOM) @ matrix(odom_base(t, t0)) @ matrix(BASE_CAM)
+
+
+def frame_image(k: int) -> np.ndarray:
+    """The image of frame k: a fixed gradient with k written in pixel (0, 0)."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    img = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=2).astype(np.uint8)
+    img[0, 0] = (k & 0xFF, k >> 8, 7)
+    return img
+
+
+# ------------------------------------------------------------------------------------ the publisher process
+
+
+def publish_main(argv=None) -> int:
+    """Fake camera: waits for a subscriber, then /tf + image + camera_info at `rate` Hz for `seconds`."""
+    import rclpy
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CameraInfo, Image
+    from tf2_msgs.msg import TFMessage
+
+    from stllm_ros import conversions as cv
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--publish", action="store_true")
+    p.add_argument("--t0", type=float, required=True)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--rate", type=float, default=RATE)
+    p.add_argument("--stamps-out", required=True)
+    args = p.parse_args(argv)
+
+    rclpy.init()
+    node = rclpy.create_node("fake_camera")
+    reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    latched = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    image_pub = node.create_publisher(Image, "/cam/image", reliable)
+    info_pub = node.create_publisher(CameraInfo, "/cam/info", reliable)
+    tf_pub = node.create_publisher(TFMessage, "/tf", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+    static_pub = node.create_publisher(TFMessage, "/tf_static", latched)
+    deadline = time.monotonic() + 120
+    pubs = (image_pub, info_pub, tf_pub)
+    while time.monotonic() < deadline and min(pub.get_subscription_count() for pub in pubs) < 1:
+        time.sleep(0.05)
+    static_pub.publish(
+        TFMessage(
+            transforms=[
+                cv.transform_to_msg("map", "odom", args.t0, *MAP_ODOM),
+                cv.transform_to_msg("base_link", "camera_optical", args.t0, *BASE_CAM),
+            ]
+        )
+    )
+    print("READY", flush=True)
+    base = frame_image(0)
+    n = int(round(args.seconds * args.rate))
+    stamps = {}
+    start = time.monotonic()
+    for k in range(n + 1):
+        wait = start + k / args.rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        tf_stamp = cv.sec_to_stamp(time.time())
+        tf_t = cv.stamp_to_sec(tf_stamp)
+        tf_pub.publish(
+            TFMessage(transforms=[cv.transform_to_msg("odom", "base_link", tf_stamp, *odom_base(tf_t, args.t0))])
+        )
+        if k == 0:
+            continue  # images fall between TF samples: the first one would precede the first sample
+        stamp = cv.sec_to_stamp(tf_t - 0.5 / args.rate)
+        base[0, 0] = (k & 0xFF, k >> 8, 7)
+        info_pub.publish(cv.K_to_camera_info(K_CAM, W, H, stamp, "camera_optical"))
+        image_pub.publish(cv.numpy_to_image(base, "rgb8", stamp, "camera_optical"))
+        stamps[k] = [stamp.sec, stamp.nanosec]
+    Path(args.stamps_out).write_text(json.dumps(stamps))
+    print(f"DONE {n}", flush=True)
+    time.sleep(1.0)  # let reliable writers flush before the participant goes away
+    node.destroy_node()
+    rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(publish_main())
+
+
+# ----------------------------------------------------------------------------------------------------- tests
+
+pytest.importorskip("tf2_msgs.msg", reason="tf2_msgs is built by scripts/build.sh; source scripts/env.sh")
+
+from builtin_interfaces.msg import Time  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
+from tf2_msgs.msg import TFMessage  # noqa: E402
+
+from stllm_core.errors import ConfigError  # noqa: E402
+from stllm_core.memory import FrameBufferConfig, SceneMapConfig  # noqa: E402
+from stllm_ros import conversions as cv  # noqa: E402
+from stllm_ros.perception import Perception, PerceptionConfig  # noqa: E402
+from tests_support import NodeProcess, RosTestNode, ros_env, wait_until  # noqa: E402
+
+RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+LATCHED = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def test_config_is_validated_with_named_fields():
+    with pytest.raises(ConfigError, match="sensor_qos"):
+        PerceptionConfig(sensor_qos="fast")
+    with pytest.raises(ConfigError, match="queue_size"):
+        PerceptionConfig(queue_size=0)
+    with pytest.raises(ConfigError, match="world_frame"):
+        PerceptionConfig(world_frame="")
+    with pytest.raises(ConfigError, match="pose_wait_sec"):
+        PerceptionConfig(pose_wait_sec=-1.0)
+    cfg = PerceptionConfig(buffer={"max_frames": 7}, map={"voxel_size": 0.1})
+    assert cfg.buffer.max_frames == 7 and cfg.map.voxel_size == 0.1
+    with pytest.raises(ConfigError, match="max_framez"):
+        PerceptionConfig(buffer={"max_framez": 7})
+
+
+def test_frames_from_another_process_hold_the_published_poses(tmp_path):
+    """A publisher process sends 640x480 images + CameraInfo + /tf at 30 Hz for 10 s; every held keyframe has
+    exactly the pose of the trajectory at its stamp, the right image and K, within the buffer's bounds."""
+    t0 = float(int(time.time()))
+    max_frames = 60
+    cfg = PerceptionConfig(
+        image_topic="/cam/image",
+        camera_info_topic="/cam/info",
+        map_topic="",
+        diagnostics_topic="",
+        queue_size=16,
+        buffer=FrameBufferConfig(max_frames=max_frames, max_age_sec=1e6, max_bytes=64 << 20),
+    )
+    stamps_file = tmp_path / "stamps.json"
+    with RosTestNode("perception_under_test") as host:
+        perception = Perception(host.node, cfg)
+        try:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--publish",
+                "--t0",
+                str(t0),
+                "--seconds",
+                "10",
+                "--stamps-out",
+                str(stamps_file),
+            ]
+            with NodeProcess(cmd, env=ros_env()) as pub:
+                pub.wait_for_output("READY", timeout=120)
+                pub.wait_for_output("DONE", timeout=120)
+                assert pub.wait(60) == 0, pub.output[-3000:]
+            published = {
+                int(k): cv.stamp_to_sec(Time(sec=s, nanosec=ns))
+                for k, (s, ns) in json.loads(stamps_file.read_text()).items()
+            }
+            assert len(published) == 300
+            wait_until(lambda: perception.stats()["counts"].get("images_received", 0) >= 1, 30, what="any image")
+            time.sleep(0.5)  # nothing more is coming; give in-flight deliveries a moment, then wait for the worker
+            wait_until(perception.idle, 60, what="perception to process what arrived")
+            stats = perception.stats()
+            clip = perception.clip(window_sec=1e6, num_frames=max_frames)
+        finally:
+            perception.close()
+    counts = stats["counts"]
+    print(f"\nperception across processes: {counts}, dropped={stats['dropped']}, bad={stats['bad_input']}")
+    assert counts.get("images_received", 0) >= 0.8 * 300, stats
+    assert counts.get("frames_added", 0) >= 0.8 * 300, stats
+    assert not stats["bad_input"], stats
+    frames = clip.frames
+    assert len(frames) == min(max_frames, counts["frames_added"])
+    assert stats["buffer"]["frames"] <= max_frames
+    if "bytes" in stats["buffer"]:
+        assert stats["buffer"]["bytes"] <= stats["buffer"]["max_bytes"]
+    ks = []
+    for f in frames:
+        k = int(f.image[0, 0, 0]) | (int(f.image[0, 0, 1]) << 8)
+        ks.append(k)
+        assert f.stamp == published[k]
+        assert f.image.shape == (H, W, 3)
+        expected_img = frame_image(k)
+        assert np.array_equal(f.image, expected_img)
+        np.testing.assert_array_equal(f.K, K_CAM)
+        np.testing.assert_allclose(f.T_world_cam, expected_T_map_cam(f.stamp, t0), rtol=0, atol=1e-6)
+    assert ks == sorted(ks) and len(set(ks)) == len(ks)
+    assert ks[-1] >= 290  # the buffer holds the most recent frames
+
+
+class _Feed:
+    """A publisher node in the test process (same context as the perception host)."""
+
+    def __init__(self, host: RosTestNode):
+        import rclpy
+
+        self.node = rclpy.create_node("feed", context=host.context)
+        host.executor.add_node(self.node)
+        self.image = self.node.create_publisher(Image, "/t/image", RELIABLE)
+        self.info = self.node.create_publisher(CameraInfo, "/t/info", RELIABLE)
+        self.depth = self.node.create_publisher(Image, "/t/depth", RELIABLE)
+        self.points = self.node.create_publisher(PointCloud2, "/t/points", RELIABLE)
+        self.tf = self.node.create_publisher(TFMessage, "/tf", RELIABLE)
+        self.tf_static = self.node.create_publisher(TFMessage, "/tf_static", LATCHED)
+        pubs = (self.image, self.info, self.depth, self.points, self.tf, self.tf_static)
+        wait_until(lambda: all(p.get_subscription_count() > 0 for p in pubs), 60, what="subscriptions to match")
+
+    def send_tf(self, parent, child, stamp, t, q, static=False):
+        msg = TFMessage(
+            transforms=[cv.transform_to_msg(parent, child, stamp, np.asarray(t, float), np.asarray(q, float))]
+        )
+        (self.tf_static if static else self.tf).publish(msg)
+
+
+def _pose(t):
+    return np.array([0.5 * t - 50.0, 1.0, 0.0]), Rotation.from_rotvec([0.0, 0.0, 0.1 * (t - 100.0)]).as_quat()
+
+
+@pytest.fixture
+def rig():
+    with RosTestNode("perception_host") as host:
+        cfg = PerceptionConfig(
+            image_topic="/t/image",
+            camera_info_topic="/t/info",
+            depth_topic="/t/depth",
+            points_topic="/t/points",
+            sensor_qos="reliable",
+            pose_wait_sec=0.3,
+            publish_map_period=0.1,
+            diagnostics_period=0.2,
+            depth_stride=2,
+            map_topic="/t/map",
+            diagnostics_topic="/t/diagnostics",
+            map=SceneMapConfig(voxel_size=0.05),
+        )
+        perception = Perception(host.node, cfg)
+        feed = _Feed(host)
+        try:
+            yield host, perception, feed
+        finally:
+            perception.close()
+            feed.node.destroy_node()
+
+
+def _wait_count(perception, key, n, section="counts", timeout=30):
+    wait_until(lambda: perception.stats()[section].get(key, 0) >= n, timeout, what=f"{section}.{key} >= {n}")
+
+
+def test_bad_input_is_counted_and_never_gives_a_wrong_pose(rig):
+    host, perception, feed = rig
+    K = np.array([[50.0, 0, 31.5], [0, 50.0, 23.5], [0, 0, 1]])
+    img = np.full((48, 64, 3), 200, np.uint8)
+    # map -> cam dynamic, sampled every 0.1 s from 100.0 to 101.0
+    for i in range(11):
+        feed.send_tf("map", "cam", 100.0 + 0.1 * i, *_pose(100.0 + 0.1 * i))
+    wait_until(lambda: perception.stats()["tf"]["latest_stamp"] == 101.0, 30, what="TF up to 101 s")
+    feed.info.publish(cv.K_to_camera_info(K, 64, 48, 100.0, "cam"))
+    _wait_count(perception, "camera_info_received", 1)
+    feed.image.publish(cv.numpy_to_image(img, "rgb8", 100.25, "cam"))
+    _wait_count(perception, "frames_added", 1)
+
+    # unknown encoding, size mismatch, out-of-order stamp
+    yuv = Image(height=48, width=64, encoding="yuv422", step=128)
+    yuv.data = bytes(128 * 48)
+    yuv.header.stamp = cv.sec_to_stamp(100.3)
+    yuv.header.frame_id = "cam"
+    feed.image.publish(yuv)
+    feed.image.publish(cv.numpy_to_image(np.zeros((24, 32, 3), np.uint8), "rgb8", 100.35, "cam"))
+    _wait_count(perception, "images_received", 3)
+    feed.image.publish(cv.numpy_to_image(img, "rgb8", 100.2, "cam"))
+    # NaN quaternion, non-normalised quaternion, a parent change that would move `cam`
+    feed.send_tf("map", "cam", 101.1, [0, 0, 0], [np.nan, 0, 0, 1])
+    feed.send_tf("map", "cam", 101.1, [0, 0, 0], [0, 0, 0, 3.0])
+    feed.send_tf("odom", "cam", 101.1, [9, 9, 9], [0, 0, 0, 1])
+    for cause, n in [
+        ("bad_encoding", 1),
+        ("image_info_size_mismatch", 1),
+        ("image_out_of_order", 1),
+        ("tf_bad_quaternion", 2),
+        ("tf_parent_change", 1),
+    ]:
+        _wait_count(perception, cause, n, section="bad_input")
+    wait_until(perception.idle, 30, what="idle")
+    stats = perception.stats()
+    assert stats["counts"]["frames_added"] == 1, stats
+    clip = perception.clip(10.0, 8)
+    assert len(clip.frames) == 1
+    f = clip.frames[0]
+    assert f.stamp == 100.25
+    np.testing.assert_allclose(f.T_world_cam, matrix(_pose(100.25)), rtol=0, atol=1e-9)  # interpolated, exact
+    np.testing.assert_array_equal(f.image, img)
+    np.testing.assert_array_equal(f.K, K)
+
+    # the refused transforms left no trace: `cam` still resolves through `map` with the published poses
+    feed.send_tf("map", "cam", 101.1, *_pose(101.1))
+    feed.image.publish(cv.numpy_to_image(img, "rgb8", 101.05, "cam"))
+    _wait_count(perception, "frames_added", 2)
+    last = perception.clip(10.0, 8).frames[-1]
+    assert last.stamp == 101.05
+    np.testing.assert_allclose(last.T_world_cam, matrix(_pose(101.05)), rtol=0, atol=1e-9)
+
+    # an image whose pose never becomes available (no TF near 105 s) waits pose_wait_sec, then is dropped
+    feed.image.publish(cv.numpy_to_image(img, "rgb8", 105.0, "cam"))
+    _wait_count(perception, "images_received", 6)
+    wait_until(lambda: any(k.startswith("no_pose_") for k in perception.stats()["dropped"]), 30, what="no_pose drop")
+    wait_until(perception.idle, 30, what="idle")
+    assert perception.stats()["counts"]["frames_added"] == 2
+    assert [f.stamp for f in perception.clip(10.0, 8).frames] == [100.25, 101.05]
+
+
+def test_depth_and_points_build_the_map_published_with_diagnostics(rig):
+    host, perception, feed = rig
+    K = np.array([[40.0, 0, 31.5], [0, 40.0, 23.5], [0, 0, 1]])
+    # the camera looks along map +x from the origin (optical z = map x), static
+    q_cam = Rotation.from_euler("xyz", [-math.pi / 2, 0.0, -math.pi / 2]).as_quat()
+    feed.send_tf("map", "cam", 0.0, [0.0, 0.0, 1.0], q_cam, static=True)
+    feed.info.publish(cv.K_to_camera_info(K, 64, 48, 10.0, "cam"))
+    _wait_count(perception, "camera_info_received", 1)
+    depth = np.full((48, 64), 2.0, np.float32)  # a wall 2 m ahead: map x = 2
+    depth[:5, :5] = np.nan
+    depth[10, 10] = np.inf
+    feed.image.publish(cv.numpy_to_image(np.full((48, 64, 3), (255, 0, 0), np.uint8), "rgb8", 10.0, "cam"))
+    _wait_count(perception, "frames_added", 1)
+    feed.depth.publish(cv.numpy_to_image(depth, "32FC1", 10.0, "cam"))
+    _wait_count(perception, "depth_integrated", 1)
+    assert perception.stats()["bad_input"].get("depth_inf") == 1
+    scene = perception.clip(10.0, 4).scene
+    assert scene.num_points > 0
+    voxel = 0.05
+    assert np.all(np.abs(scene.points[:, 0] - 2.0) <= voxel), scene.points[:, 0].min()
+    assert np.all(scene.colors[:, 0] > 200)  # red, from the colour image of the same stamp
+
+    # a cloud from another mapper, in the camera frame: 10 points 3 m ahead
+    n_before = scene.num_points
+    xyz = np.stack([np.linspace(-0.5, 0.5, 10), np.zeros(10), np.full(10, 3.0)], axis=1).astype(np.float32)
+    feed.points.publish(cv.array_to_pointcloud2(xyz, np.full((10, 3), 9, np.uint8), 10.5, "cam"))
+    _wait_count(perception, "clouds_integrated", 1)
+    scene = perception.clip(10.0, 4).scene
+    new = scene.points[np.abs(scene.points[:, 0] - 3.0) <= voxel]
+    assert scene.num_points > n_before and len(new) > 0
+
+    # a late joiner gets the map (transient local) and diagnostics arrive
+    got: dict[str, object] = {}
+    ev = threading.Event()
+
+    def on_map(msg):
+        got["map"] = msg
+        ev.set()
+
+    host.node.create_subscription(PointCloud2, "/t/map", on_map, LATCHED)
+    host.node.create_subscription(DiagnosticArray, "/t/diagnostics", lambda m: got.setdefault("diag", m), RELIABLE)
+    wait_until(lambda: "map" in got and "diag" in got, 30, what="map and diagnostics")
+    wait_until(
+        lambda: cv.pointcloud2_to_xyz_rgb(got["map"])[0].shape[0] == perception.clip(10.0, 1).scene.num_points,
+        30,
+        what="the latest map",
+    )
+    map_xyz, _ = cv.pointcloud2_to_xyz_rgb(got["map"])
+    assert got["map"].header.frame_id == "map"
+    status = got["diag"].status[0]
+    keys = {kv.key: kv.value for kv in status.values}
+    assert "perception" in status.name
+    for key in ("frames_held", "queued", "pending", "map_voxels", "tf_frames", "bad_input.depth_inf"):
+        assert key in keys, keys
+    assert int(keys["frames_held"]) == 1
+
+
+def test_full_queue_drops_the_oldest_and_counts_it(rig):
+    host, perception, feed = rig
+    K = np.array([[50.0, 0, 31.5], [0, 50.0, 23.5], [0, 0, 1]])
+    feed.send_tf("map", "cam", 0.0, [0.0, 0.0, 0.0], [0, 0, 0, 1], static=True)
+    feed.info.publish(cv.K_to_camera_info(K, 64, 48, 1.0, "cam"))
+    _wait_count(perception, "camera_info_received", 1)
+    wait_until(lambda: perception.stats()["tf"]["frames"] >= 1, 30, what="static tf")
+    img = np.zeros((48, 64, 3), np.uint8)
+    n = perception.config.queue_size + 6
+    with perception._tf_lock:  # the worker blocks on its first pose lookup while the callbacks keep enqueueing
+        for i in range(n):  # one at a time: the subscription's own history (depth 5) must not be what drops
+            feed.image.publish(cv.numpy_to_image(img, "rgb8", 1.0 + 0.1 * i, "cam"))
+            _wait_count(perception, "images_received", i + 1)
+    wait_until(perception.idle, 30, what="idle")
+    stats = perception.stats()
+    dropped = stats["dropped"].get("queue_full", 0)
+    assert dropped >= 5, stats
+    assert stats["counts"]["frames_added"] == n - dropped
+    stamps = [f.stamp for f in perception.clip(100.0, 100).frames]
+    assert stamps[-1] == pytest.approx(1.0 + 0.1 * (n - 1))  # the newest survived
+
+
+def test_perception_node_declares_parameters_from_the_config():
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from stllm_ros.perception_node import PerceptionNode
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        node = PerceptionNode(
+            context=ctx,
+            parameter_overrides=[
+                Parameter("image_topic", value="/x/image"),
+                Parameter("buffer.max_frames", value=5),
+                Parameter("map.voxel_size", value=0.1),
+            ],
+        )
+        try:
+            cfg = node.perception.config
+            assert cfg.image_topic == "/x/image" and cfg.buffer.max_frames == 5 and cfg.map.voxel_size == 0.1
+            result = node.set_parameters([Parameter("sensor_qos", value="fast")])[0]
+            assert not result.successful and "sensor_qos" in result.reason
+        finally:
+            node.destroy_node()
+    finally:
+        ctx.try_shutdown()
