@@ -101,10 +101,19 @@ def test_record_to_clip_errors(dataset):
     tmp, rec = dataset
     r = ReaRecord.from_dict({**rec, "metadata": {**rec["metadata"], "query_start_frame": 500,
                                                  "query_stop_frame": 600}}, base_dir=tmp)
-    with pytest.raises(DataError, match="no frames .* between query_start_frame 500"):
+    with pytest.raises(DataError, match="no frames with a pose .* among the 0 frames .* query_start_frame 500"):
         record_to_clip(r)
     with pytest.raises(DataError, match="query_stop_frame 1 < query_start_frame 5"):
         ReaRecord.from_dict({**rec, "metadata": {**rec["metadata"], "query_start_frame": 5, "query_stop_frame": 1}})
+
+
+def test_frames_without_pose_are_not_sampled(dataset):
+    tmp, rec = dataset
+    for i in (103, 104, 105):  # e.g. a reconstruction that could not register these frames
+        (tmp / "clips" / "c0" / "c2ws" / f"{i}.txt").unlink()
+    r = read_rea_json(write(tmp, [rec]))[0]
+    clip = record_to_clip(r, num_frames=8)
+    assert [int(f.image[0, 0, 0]) for f in clip.frames] == [20, 60, 70, 80]  # 102, 106, 107, 108
 
 
 def test_clip_folder_qa(dataset):

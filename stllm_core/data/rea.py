@@ -252,6 +252,11 @@ def _list_frames(video_dir: str, mtime: float) -> tuple[tuple[int, str], ...]:
     return tuple(sorted(out))
 
 
+@functools.lru_cache(maxsize=64)
+def _list_poses(c2ws_dir: str, mtime: float) -> frozenset[int]:
+    return frozenset(int(p.stem) for p in Path(c2ws_dir).glob("*.txt") if p.stem.isdigit())
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_points(path: str, mtime: float) -> tuple[np.ndarray, np.ndarray]:
     return read_pointcloud(Path(path))
@@ -277,15 +282,22 @@ def sample_uniform(ids: Sequence[int], num: int) -> list[int]:
 
 
 def record_frame_ids(record: ReaRecord, num_frames: int = 32) -> list[int]:
-    """The frame ids of `record`'s query span [query_start_frame, query_stop_frame] sampled uniformly to num_frames."""
+    """The frame ids of `record`'s query span [query_start_frame, query_stop_frame] that have an image and a pose,
+    sampled uniformly to num_frames."""
     vdir = record.video_path
     if not vdir.is_dir():
         raise DataError(f"Record {record.id!r}: video directory {vdir} does not exist.")
-    avail = [i for i, _ in _list_frames(str(vdir), vdir.stat().st_mtime)
-             if record.query_start_frame <= i <= record.query_stop_frame]
+    cdir = record.c2ws_path
+    if not cdir.is_dir():
+        raise DataError(f"Record {record.id!r}: c2ws directory {cdir} does not exist.")
+    posed = _list_poses(str(cdir), cdir.stat().st_mtime)
+    span = [i for i, _ in _list_frames(str(vdir), vdir.stat().st_mtime)
+            if record.query_start_frame <= i <= record.query_stop_frame]
+    avail = [i for i in span if i in posed]  # reconstructions may pose only some frames
     if not avail:
-        raise DataError(f"Record {record.id!r}: no frames in {vdir} between query_start_frame "
-                        f"{record.query_start_frame} and query_stop_frame {record.query_stop_frame}.")
+        raise DataError(f"Record {record.id!r}: no frames with a pose in {cdir} among the {len(span)} frames of "
+                        f"{vdir} between query_start_frame {record.query_start_frame} and query_stop_frame "
+                        f"{record.query_stop_frame}.")
     return sample_uniform(avail, num_frames)
 
 

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from stllm_core.data.reasim.scene import STRUCTURE_COLORS, Box, Kitchen
+from stllm_core.data.reasim.scene import DARK_TILE, Box, Kitchen
 from stllm_core.data.reasim.trajectory import Episode
 
 BACKGROUND = np.array([205, 210, 220], np.float32)
@@ -106,7 +106,7 @@ def render(boxes: list[Box], K: np.ndarray, T_world_cam: np.ndarray, width: int,
         p = rays[on_floor, :3] + rays[on_floor, 3:] * t[on_floor, None]
         parity = (np.floor(p[:, 0] / CHECKER) + np.floor(p[:, 1] / CHECKER)) % 2 == 1
         dark = on_floor[parity]
-        rgb[dark] = np.asarray(STRUCTURE_COLORS["floor2"], np.float32) * shade[pid[dark], None]
+        rgb[dark] *= DARK_TILE
     depth = np.where(ok, t, 0.0).astype(np.float32)
     return (np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(height, width, 3),
             depth.reshape(height, width))
@@ -147,7 +147,7 @@ def sample_points(boxes: list[Box], rng: np.random.Generator, density: float = 2
         c = np.tile(np.asarray(b.color, np.float32), (count, 1))
         if b.kind == "floor":
             parity = (np.floor(pts[:, 0] / CHECKER) + np.floor(pts[:, 1] / CHECKER)) % 2 == 1
-            c[parity] = STRUCTURE_COLORS["floor2"]
+            c[parity] *= DARK_TILE
         xyz.append(pts)
         rgb.append(c)
     return np.concatenate(xyz).astype(np.float32), np.concatenate(rgb).astype(np.uint8)

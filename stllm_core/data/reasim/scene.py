@@ -25,7 +25,10 @@ FURNITURE_COLORS = {
     "microwave": (165, 35, 45), "dishwasher": (150, 150, 125), "counter": (205, 182, 140), "cabinet": (120, 80, 45),
     "table": (150, 100, 55), "chair": (55, 115, 65),
 }
-STRUCTURE_COLORS = {"wall": (214, 208, 192), "floor": (168, 158, 146), "floor2": (136, 126, 116)}
+# per-kitchen choices for walls and floor (the floor's second tile colour is DARK_TILE times the first)
+WALL_COLORS = ((214, 208, 192), (198, 204, 212), (204, 214, 198), (226, 214, 204))
+FLOOR_COLORS = ((168, 158, 146), (150, 150, 156), (178, 152, 120), (120, 132, 140))
+DARK_TILE = 0.8
 # kind: (size x, y, z in metres, colour)
 ITEMS = {
     "mug": ((0.09, 0.09, 0.10), (225, 40, 40)), "plate": ((0.24, 0.24, 0.025), (250, 250, 215)),
@@ -273,7 +276,9 @@ def _try_kitchen(scene_id: str, rng: np.random.Generator, num_items: int) -> Kit
         p[2] = 0.45
         furniture.append(Box(f"chair_{ci + 1}", "chair", p, np.array([0.45, 0.45, 0.9]),
                              _jitter(FURNITURE_COLORS["chair"], rng)))
-    kitchen = Kitchen(scene_id, W, D, furniture, [], _structure(W, D))
+    wall_c = WALL_COLORS[int(rng.integers(len(WALL_COLORS)))]
+    floor_c = FLOOR_COLORS[int(rng.integers(len(FLOOR_COLORS)))]
+    kitchen = Kitchen(scene_id, W, D, furniture, [], _structure(W, D, wall_c, floor_c))
     kitchen.build_free_grid()
     if kitchen.free.mean() < 0.25:
         return _reject(scene_id, f"free floor fraction {kitchen.free.mean():.2f} < 0.25")
@@ -301,12 +306,11 @@ def _reject(scene_id: str, why: str) -> None:
     return None
 
 
-def _structure(W: float, D: float) -> list[Box]:
+def _structure(W: float, D: float, wc: tuple[int, int, int], fc: tuple[int, int, int]) -> list[Box]:
     t, H = WALL_THICKNESS, WALL_HEIGHT
-    wc = STRUCTURE_COLORS["wall"]
     return [
         Box("floor", "floor", np.array([W / 2, D / 2, -0.05]), np.array([W + 2 * t, D + 2 * t, 0.1]),
-            STRUCTURE_COLORS["floor"]),
+            fc),
         Box("wall_back", "wall", np.array([W / 2, D + t / 2, H / 2]), np.array([W + 2 * t, t, H]), wc, (0.0, -1.0)),
         Box("wall_front", "wall", np.array([W / 2, -t / 2, H / 2]), np.array([W + 2 * t, t, H]), wc, (0.0, 1.0)),
         Box("wall_left", "wall", np.array([-t / 2, D / 2, H / 2]), np.array([t, D, H]), wc, (1.0, 0.0)),
