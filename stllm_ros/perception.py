@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -122,15 +123,6 @@ def _qos(reliable: bool, depth: int, transient: bool = False) -> QoSProfile:
     )
 
 
-def _matrix(t: np.ndarray, q: np.ndarray) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
-    T = np.eye(4)
-    T[:3, :3] = Rotation.from_quat(q).as_matrix()
-    T[:3, 3] = t
-    return T
-
-
 class Perception:
     """Subscriptions + TF feeding + a worker thread that fills FrameBuffer/SceneMap; map and diagnostics publishing.
 
@@ -157,8 +149,6 @@ class Perception:
         self.transforms = TransformBuffer(cache_sec=config.tf_cache_sec)
         self.frames = FrameBuffer(config.buffer)
         self.scene_map = SceneMap(config.map)
-        if config.map_path:
-            self._load_map(config.map_path)
 
         self._counts: collections.Counter[str] = collections.Counter()  # received / added / integrated
         self._dropped: collections.Counter[str] = collections.Counter()  # items lost with a cause
@@ -177,6 +167,9 @@ class Perception:
         self._map_version = 0
         self._map_published_version = -1
         self._next_map_publish = 0.0
+        self._save_map_on_close = bool(config.map_path)
+        if config.map_path:
+            self._load_map(config.map_path)
 
         sensor = qos_profile_sensor_data if config.sensor_qos == "sensor_data" else _qos(True, 5)
         sensors, tf_group = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
@@ -201,7 +194,9 @@ class Perception:
         self._diag_timer = None
         if config.diagnostics_topic and config.diagnostics_period > 0:
             self._diag_pub = node.create_publisher(DiagnosticArray, config.diagnostics_topic, _qos(True, 10))
-            self._diag_timer = node.create_timer(config.diagnostics_period, self.publish_diagnostics)
+            self._diag_timer = node.create_timer(
+                config.diagnostics_period, self.publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup()
+            )
         self._worker = threading.Thread(target=self._run, name="stllm-perception", daemon=True)
         self._worker.start()
         self._log.info(
@@ -269,7 +264,7 @@ class Perception:
         for pub in (self._map_pub, self._diag_pub):
             if pub is not None:
                 self.node.destroy_publisher(pub)
-        if self.config.map_path:
+        if self.config.map_path and self._save_map_on_close:
             try:
                 self.scene_map.save(self.config.map_path)
                 self._log.info(f"perception: map saved to {self.config.map_path} ({len(self.scene_map)} voxels)")
@@ -613,17 +608,17 @@ class Perception:
     # --------------------------------------------------------------------------------------- map / diagnostics
 
     def _load_map(self, path: str) -> None:
-        import os
-
         if not os.path.exists(path):
-            self._log.info(f"perception: no saved map at {path}; starting empty")
+            self._log.info(f"perception: no saved map at {path}; starting empty (it is saved there on close)")
             return
         try:
-            self.scene_map = SceneMap.load(path)
-            self._map_version += 1
-            self._log.info(f"perception: map loaded from {path} ({len(self.scene_map)} voxels)")
-        except Exception as e:
-            self._log.error(f"perception: could not load the map from {path}: {e}; starting empty")
+            self.scene_map = SceneMap.load(path, self.config.map)
+        except Exception as e:  # keep running on an empty map, and never overwrite the file we could not read
+            self._save_map_on_close = False
+            self._log.error(f"perception: could not load the map from {path}: {e}; starting empty, not saving over it")
+            return
+        self._map_version += 1
+        self._log.info(f"perception: map loaded from {path} ({len(self.scene_map)} voxels)")
 
     def publish_map(self) -> int:
         """Publish the current map snapshot now (world frame); returns the number of points."""

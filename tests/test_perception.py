@@ -256,24 +256,29 @@ def _pose(t):
     return np.array([0.5 * t - 50.0, 1.0, 0.0]), Rotation.from_rotvec([0.0, 0.0, 0.1 * (t - 100.0)]).as_quat()
 
 
+def _rig_config(**overrides) -> PerceptionConfig:
+    kwargs = dict(
+        image_topic="/t/image",
+        camera_info_topic="/t/info",
+        depth_topic="/t/depth",
+        points_topic="/t/points",
+        sensor_qos="reliable",
+        pose_wait_sec=0.3,
+        publish_map_period=0.1,
+        diagnostics_period=0.2,
+        depth_stride=2,
+        map_topic="/t/map",
+        diagnostics_topic="/t/diagnostics",
+        map=SceneMapConfig(voxel_size=0.05),
+    )
+    kwargs.update(overrides)
+    return PerceptionConfig(**kwargs)
+
+
 @pytest.fixture
 def rig():
     with RosTestNode("perception_host") as host:
-        cfg = PerceptionConfig(
-            image_topic="/t/image",
-            camera_info_topic="/t/info",
-            depth_topic="/t/depth",
-            points_topic="/t/points",
-            sensor_qos="reliable",
-            pose_wait_sec=0.3,
-            publish_map_period=0.1,
-            diagnostics_period=0.2,
-            depth_stride=2,
-            map_topic="/t/map",
-            diagnostics_topic="/t/diagnostics",
-            map=SceneMapConfig(voxel_size=0.05),
-        )
-        perception = Perception(host.node, cfg)
+        perception = Perception(host.node, _rig_config())
         feed = _Feed(host)
         try:
             yield host, perception, feed
@@ -453,3 +458,65 @@ def test_perception_node_declares_parameters_from_the_config():
             node.destroy_node()
     finally:
         ctx.try_shutdown()
+
+
+def test_bag_loop_resets_the_time_indexed_state(rig):
+    """Stamps that jump back (a bag replayed in a loop) clear TF history and keyframes, keep static TF and the map."""
+    host, perception, feed = rig
+    K = np.array([[50.0, 0, 31.5], [0, 50.0, 23.5], [0, 0, 1]])
+    img = np.zeros((48, 64, 3), np.uint8)
+    feed.send_tf("base", "cam", 0.0, [0.0, 0.0, 0.5], [0, 0, 0, 1], static=True)
+    feed.info.publish(cv.K_to_camera_info(K, 64, 48, 1.0, "cam"))
+    _wait_count(perception, "camera_info_received", 1)
+    for lap in range(2):
+        for i in range(5):
+            feed.send_tf("map", "base", 50.0 + 0.1 * i, *_pose(100.0 + 0.1 * i))
+        wait_until(lambda: perception.stats()["tf"]["latest_stamp"] == 50.4, 30, what=f"TF of lap {lap}")
+        feed.image.publish(cv.numpy_to_image(img, "rgb8", 50.15, "cam"))
+        _wait_count(perception, "frames_added", 3 if lap else 1)
+        # the last TF sample of the lap is far ahead: the next lap jumps back 9.6 s
+        feed.send_tf("map", "base", 60.0, *_pose(110.0))
+        wait_until(lambda: perception.stats()["tf"]["latest_stamp"] == 60.0, 30, what="end of lap")
+        if lap == 0:
+            feed.image.publish(cv.numpy_to_image(img, "rgb8", 59.0, "cam"))
+            _wait_count(perception, "frames_added", 2)
+    stats = perception.stats()
+    assert stats["counts"]["resets"] == 1, stats
+    assert not stats["bad_input"], stats
+    frames = perception.clip(100.0, 10).frames
+    assert [f.stamp for f in frames] == [50.15]  # lap 0's frames were forgotten
+    expected = matrix(_pose(100.15)) @ matrix((np.array([0.0, 0.0, 0.5]), np.array([0, 0, 0, 1.0])))
+    np.testing.assert_allclose(frames[0].T_world_cam, expected, rtol=0, atol=1e-9)
+
+
+def test_map_is_saved_on_close_and_restored_at_start(tmp_path):
+    path = tmp_path / "map.npz"
+    with RosTestNode("perception_map") as host:
+        perception = Perception(host.node, _rig_config(map_path=str(path)))
+        feed = _Feed(host)
+        try:
+            feed.send_tf("map", "cam", 0.0, [1.0, 0.0, 0.0], [0, 0, 0, 1], static=True)
+            xyz = np.array([[0.0, 0.0, 1.0], [0.5, 0.0, 1.0], [0.0, 0.5, 2.0]], np.float32)
+            wait_until(lambda: perception.stats()["tf"]["static"] == 1, 30, what="static TF")
+            feed.points.publish(cv.array_to_pointcloud2(xyz, None, 3.0, "cam"))
+            _wait_count(perception, "clouds_integrated", 1)
+            saved = perception.scene_map.snapshot()
+        finally:
+            perception.close()
+            feed.node.destroy_node()
+        assert path.exists() and saved.num_points == 3
+        np.testing.assert_allclose(np.sort(saved.points[:, 0]), [1.025, 1.025, 1.525], atol=1e-6)  # voxel centres
+        again = Perception(host.node, _rig_config(map_path=str(path)))
+        try:
+            restored = again.clip(1.0, 1).scene
+        finally:
+            again.close()
+    np.testing.assert_array_equal(restored.points, saved.points)
+    np.testing.assert_array_equal(restored.colors, saved.colors)
+    # an unreadable map file is reported, the node starts empty and does not overwrite it
+    path.write_bytes(b"not a map")
+    with RosTestNode("perception_bad_map") as host:
+        bad = Perception(host.node, _rig_config(map_path=str(path)))
+        assert bad.stats()["map"]["voxels"] == 0
+        bad.close()
+    assert path.read_bytes() == b"not a map"
