@@ -140,7 +140,7 @@ def run(frames: int, fps: float, map_voxels: int) -> dict:
             "voxels": ms["voxels"],
             "bytes": ms["bytes"],
             "max_voxels": ms["max_voxels"],
-            "bound_bytes": ms["max_voxels"] * 36,
+            "bound_bytes": ms["max_bytes"],
             "evicted": ms["counts"].get("evicted_voxels", 0),
             "snapshot": stats_ms(snap),
         }

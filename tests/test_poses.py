@@ -70,3 +70,23 @@ def test_optical_frame_constants():
     np.testing.assert_allclose(poses.T_OPTICAL_BODY @ poses.T_BODY_OPTICAL, np.eye(4), atol=1e-12)
     pts = poses.transform_points(poses.T_BODY_OPTICAL, [[0, 0, 2], [1, 0, 0]])
     np.testing.assert_allclose(pts, [[2, 0, 0], [0, -1, 0]], atol=1e-12)
+
+
+def test_numpy_slerp_and_matrix_equal_scipy():
+    from scipy.spatial.transform import Slerp
+
+    rng = np.random.default_rng(0)
+    rots = Rotation.random(40, random_state=rng)
+    qs = rots.as_quat()
+    for i in range(0, 40, 2):
+        q0, q1 = qs[i], qs[i + 1]
+        if i % 4 == 0:
+            q1 = -q1  # the other sign of the same rotation: still the short arc
+        for a in (0.0, 0.1, 0.5, 0.93, 1.0):
+            ref = Slerp([0.0, 1.0], Rotation.from_quat([q0, q1]))([a]).as_matrix()[0]
+            np.testing.assert_allclose(poses.unit_quat_to_matrix(poses.slerp_quaternion(q0, q1, a)), ref, atol=1e-12)
+        np.testing.assert_allclose(poses.unit_quat_to_matrix(q0), Rotation.from_quat(q0).as_matrix(), atol=1e-15)
+    q = qs[0]
+    tiny = (Rotation.from_quat(q) * Rotation.from_rotvec([1e-5, 0, 0])).as_quat()  # nearly equal: nlerp branch
+    mid = Rotation.from_quat(poses.slerp_quaternion(q, tiny, 0.5))
+    np.testing.assert_allclose((Rotation.from_quat(q).inv() * mid).as_rotvec(), [5e-6, 0, 0], atol=1e-12)
