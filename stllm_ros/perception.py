@@ -71,6 +71,7 @@ class PerceptionConfig:
     pose_wait_sec: float = 0.5  # wall time an item may wait for TF at its stamp before it is dropped
     keyframe_period_sec: float = 0.0  # keep at most one image per period (0 = every image)
     depth_stride: int = 4  # integrate every n-th depth pixel in both directions
+    attach_depth: bool = True  # keep a depth image with the keyframe of the same stamp ("coverage" selection)
     tf_cache_sec: float = 10.0
     time_jump_reset_sec: float = 3.0  # an image this much older than the last one = clock reset (bag loop): clear
     publish_map_period: float = 2.0  # 0 disables periodic map publishing
@@ -157,7 +158,10 @@ class Perception:
         self._info: dict[str, tuple[np.ndarray, int, int]] = {}  # topic kind -> (K, width, height)
         self._last_image_stamp: float | None = None
         self._last_keyframe_stamp: float | None = None
-        self._recent_rgb: collections.deque[tuple[float, str, np.ndarray]] = collections.deque(maxlen=8)
+        # (stamp, camera frame, rgb, K, T_world_cam) of the last keyframes, to colour depth and attach it to them
+        self._recent: collections.deque[tuple[float, str, np.ndarray, np.ndarray, np.ndarray]] = collections.deque(
+            maxlen=8
+        )
         self._tf_parent: dict[str, str] = {}
         self._tf_last_stamp: dict[str, float] = {}
         self._static_tf: dict[str, tuple] = {}
@@ -386,11 +390,6 @@ class Perception:
         except InputError as e:
             self._bad_input("bad_depth", str(e))
             return
-        s = self.config.depth_stride
-        depth = np.ascontiguousarray(depth[::s, ::s])  # (H/s, W/s); pixel u' <-> u = s*u'
-        K = K.copy()
-        K[0, :] /= s  # fx/s, cx/s (exact for integer subsampling of pixel indices)
-        K[1, :] /= s
         finite = np.isfinite(depth)
         if not finite.all():
             if np.isinf(depth).any():  # NaN is REP-117's "no measurement"; +-Inf is counted as odd input
@@ -578,13 +577,9 @@ class Perception:
                     self._bad_input("frame_rejected", str(e))
                     return
                 self._counts["frames_added"] += 1
-                self._recent_rgb.append((item.stamp, item.frame_id, rgb))
+                self._recent.append((item.stamp, item.frame_id, rgb, K, T))
         elif item.kind == "depth":
-            depth, K = item.data  # already subsampled by depth_stride (K scaled to match)
-            color = self._matching_rgb(item.stamp, item.frame_id, depth.shape)
-            self.scene_map.integrate_depth(depth, K, T, image=color, stamp=item.stamp, stride=1)
-            self._count("depth_integrated")
-            self._map_version += 1
+            self._handle_depth(item, T)
         else:
             xyz, rgb = item.data
             world = xyz.astype(np.float64) @ T[:3, :3].T + T[:3, 3]  # (N, 3) world_frame metres
@@ -592,18 +587,39 @@ class Perception:
             self._count("clouds_integrated")
             self._map_version += 1
 
-    def _matching_rgb(self, stamp: float, frame_id: str, shape: tuple[int, int]) -> np.ndarray | None:
-        """The colour image of the same camera and stamp (within 1/60 s), subsampled like the depth, if any."""
+    def _handle_depth(self, item: _Item, T: np.ndarray) -> None:
+        """Integrate every depth_stride-th pixel into the map, coloured by the keyframe of the same camera and stamp
+        (within 1/60 s) if there is one; with attach_depth, that keyframe is re-stored carrying the full depth."""
+        depth, K = item.data  # (H, W) float32 metres (NaN = none), K of the depth image
         s = self.config.depth_stride
+        sub = depth[::s, ::s]  # pixel u' of `sub` is pixel u = s * u' of `depth`
+        K_sub = K.copy()
+        K_sub[:2, :] /= s  # fx/s, cx/s, fy/s, cy/s: exact for integer subsampling of pixel indices
+        match = self._matching_keyframe(item.stamp, item.frame_id, depth.shape)
+        color = np.ascontiguousarray(match[2][::s, ::s]) if match is not None else None
+        self.scene_map.integrate_depth(sub, K_sub, T, image=color, stamp=item.stamp, stride=1)
+        self._count("depth_integrated")
+        self._map_version += 1
+        if match is None or not self.config.attach_depth:
+            return
+        stamp, _, rgb, K_rgb, T_rgb = match
         with self._lock:
-            candidates = [(abs(ts - stamp), rgb) for ts, fid, rgb in self._recent_rgb if fid == frame_id]
+            held = self.frames.frames()
+            if any(f.stamp == stamp for f in held):  # still held: replace it by the same frame with its depth
+                try:
+                    self.frames.add(stamp, rgb, K_rgb, T_rgb, depth=depth)
+                    self._counts["depth_attached"] += 1
+                except InputError as e:
+                    self._bad_input("frame_rejected", str(e))
+
+    def _matching_keyframe(self, stamp: float, frame_id: str, shape: tuple[int, int]) -> tuple | None:
+        """The recent keyframe of the same camera, image size and stamp (within 1/60 s), if any."""
+        with self._lock:
+            candidates = [r for r in self._recent if r[1] == frame_id and r[2].shape[:2] == shape]
         if not candidates:
             return None
-        dt, rgb = min(candidates, key=lambda c: c[0])
-        if dt > 1.0 / 60.0:
-            return None
-        sub = rgb[::s, ::s]
-        return np.ascontiguousarray(sub) if sub.shape[:2] == shape else None
+        best = min(candidates, key=lambda r: abs(r[0] - stamp))
+        return best if abs(best[0] - stamp) <= 1.0 / 60.0 else None
 
     # --------------------------------------------------------------------------------------- map / diagnostics
 

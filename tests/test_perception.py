@@ -374,6 +374,11 @@ def test_depth_and_points_build_the_map_published_with_diagnostics(rig):
     voxel = 0.05
     assert np.all(np.abs(scene.points[:, 0] - 2.0) <= voxel), scene.points[:, 0].min()
     assert np.all(scene.colors[:, 0] > 200)  # red, from the colour image of the same stamp
+    _wait_count(perception, "depth_attached", 1)  # the keyframe of that stamp now carries the full-size depth
+    (frame,) = perception.clip(10.0, 4, strategy="coverage").frames
+    expected_depth = np.where(np.isfinite(depth), depth, np.nan)
+    np.testing.assert_array_equal(frame.depth, expected_depth)
+    np.testing.assert_allclose(frame.T_world_cam[:3, 3], [0.0, 0.0, 1.0], atol=1e-12)
 
     # a cloud from another mapper, in the camera frame: 10 points 3 m ahead
     n_before = scene.num_points
@@ -520,3 +525,43 @@ def test_map_is_saved_on_close_and_restored_at_start(tmp_path):
         assert bad.stats()["map"]["voxels"] == 0
         bad.close()
     assert path.read_bytes() == b"not a map"
+
+
+def test_standalone_node_publishes_map_and_diagnostics_and_saves_on_sigint(tmp_path):
+    """stllm-perception (perception_node.main) in its own process, configured by ROS parameters."""
+    import rclpy
+
+    path = tmp_path / "node_map.npz"
+    args = ["--ros-args", "-p", "points_topic:=/n/points", "-p", "map.voxel_size:=0.05", "-p", f"map_path:={path}",
+            "-p", "publish_map_period:=0.2", "-p", "diagnostics_period:=0.5"]  # fmt: skip
+    got: dict[str, object] = {}
+    with RosTestNode("node_client") as host, NodeProcess.python("stllm_ros.perception_node", *args) as proc:
+        node = host.node
+        static = node.create_publisher(TFMessage, "/tf_static", LATCHED)
+        static.publish(
+            TFMessage(transforms=[cv.transform_to_msg("map", "lidar", 0.0, np.zeros(3), np.array([0, 0, 0, 1.0]))])
+        )
+        points = node.create_publisher(PointCloud2, "/n/points", RELIABLE)
+        node.create_subscription(PointCloud2, "/stllm/map", lambda m: got.__setitem__("map", m), LATCHED)
+        node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: got.__setitem__("diag", m), RELIABLE)
+        xyz = np.array([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [3.0, 1.0, 0.0]], np.float32)
+        cloud = cv.array_to_pointcloud2(xyz, np.full((3, 3), 50, np.uint8), 1.0, "lidar")
+
+        def map_points() -> int:
+            msg = got.get("map")
+            return 0 if msg is None else cv.pointcloud2_to_xyz_rgb(msg)[0].shape[0]
+
+        deadline = time.monotonic() + 90
+        while map_points() < 3 and time.monotonic() < deadline and proc.returncode is None:
+            points.publish(cloud)  # best-effort subscription (sensor_data QoS): repeat until it shows in the map
+            time.sleep(0.2)
+        assert map_points() == 3, proc.output[-3000:]
+        wait_until(lambda: "diag" in got, 30, what="diagnostics")
+        status = got["diag"].status[0]
+        assert status.name.startswith("perception") and "perception" in status.name
+        keys = {kv.key: kv.value for kv in status.values}
+        assert int(keys["tf_static_frames"]) == 1 and int(keys["count.clouds_integrated"]) >= 1, keys
+        assert proc.stop() == 0, proc.output[-3000:]
+        assert rclpy.ok(context=host.context)
+    assert "map saved to" in proc.output, proc.output[-3000:]
+    assert path.exists()
