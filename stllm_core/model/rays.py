@@ -19,8 +19,8 @@ def fourier_frequencies(num_freqs: int, max_freq: float) -> torch.Tensor:
     Example: fourier_frequencies(4, 8.0) -> [1, 2, 4, 8].
     """
     if num_freqs == 1:
-        return torch.ones(1, dtype=torch.float32)
-    return torch.logspace(0.0, math.log2(max_freq), num_freqs, base=2.0, dtype=torch.float64).float()
+        return torch.ones(1, dtype=torch.float32, device="cpu")
+    return torch.logspace(0.0, math.log2(max_freq), num_freqs, base=2.0, dtype=torch.float64, device="cpu").float()
 
 
 def fourier_features(d: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ class RayEncoder(nn.Module):
 
     @property
     def freqs(self) -> torch.Tensor:
-        return torch.tensor(self.freq_values, dtype=torch.float32)
+        return torch.tensor(self.freq_values, dtype=torch.float32, device="cpu")
 
     def forward(self, directions: torch.Tensor) -> torch.Tensor:
         freqs = torch.tensor(self.freq_values, dtype=torch.float32, device=directions.device)
