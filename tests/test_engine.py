@@ -75,6 +75,23 @@ def test_static_cache_decoder_equals_eager_and_reuses_cache(lm):
     assert static.decoder.cache_len == 256
 
 
+def test_compile_failure_falls_back_to_the_uncompiled_step(lm, caplog):
+    """If torch.compile cannot build the step (e.g. no C++ compiler), the static-cache step runs uncompiled."""
+    engine = Engine(lm, EngineConfig(max_new_tokens=12))
+    eager_tokens = engine.generate(prompt()).tokens
+    engine.decoder = StaticCacheDecoder(lm, compile=False)
+
+    def broken_compiled_step(ids, positions):
+        raise RuntimeError("inductor: no working C++ compiler found")
+
+    engine.decoder._step_fn = broken_compiled_step
+    engine.decoder.compiled = True
+    with caplog.at_level("WARNING"):
+        assert engine.generate(prompt()).tokens == eager_tokens
+    assert not engine.decoder.compiled and "no working C++ compiler" in engine.decoder.fallback_reason
+    assert "running it uncompiled" in caplog.text
+
+
 def test_qwen2_kv_cache_equals_full_recompute():
     torch.manual_seed(3)
     cfg = Qwen2Config(

@@ -141,6 +141,11 @@ def test_saved_model_dir_gives_the_same_answer(pipe, clip, tmp_path):
     assert loaded.num_frames == pipe.num_frames
 
 
+def test_warmup_answers_a_random_clip(pipe):
+    ans = pipe.warmup(max_new_tokens=2)
+    assert ans.num_frames == pipe.num_frames and ans.num_points > 0 and ans.num_tokens <= 2
+
+
 def test_load_errors_are_typed(tmp_path):
     with pytest.raises(ModelLoadError, match="nope"):
         AnswerPipeline.load(str(tmp_path / "nope"))

@@ -193,6 +193,19 @@ class AnswerPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def warmup(self, max_new_tokens: int | None = None) -> Answer:
+        """Answer one question about a random clip, so that compilation ('compiled': torch.compile, CUDA graphs;
+        'tensorrt': engine build or cache load) happens now rather than at the first real question. Non-eager
+        backends pad encoder inputs to fixed shapes, so any clip warms every later one; the decoder's static cache
+        is sized for the default token budget. Returns the warm-up answer (its timings include the compilation)."""
+        from stllm_core.model import random_clip
+
+        clip = random_clip(self.num_frames, seed=0, num_points=min(int(self.model.config.max_points), 2000))
+        t0 = time.perf_counter()
+        ans = self.answer("Where is the mug?", clip, max_new_tokens=max_new_tokens or self.max_new_tokens)
+        logger.info("warm-up (%s backend) took %.1f s", self.backend, time.perf_counter() - t0)
+        return ans
+
     def answer(
         self,
         question: str,
