@@ -442,7 +442,9 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
     tc = cfg.train
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give the REA JSON file to train on.")
-    accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum, mixed_precision=PRECISIONS[tc.precision])
+    # cpu=True without CUDA: lets accelerate form a multi-process CPU (gloo) group under torchrun / accelerate launch.
+    accelerator = Accelerator(gradient_accumulation_steps=tc.grad_accum, mixed_precision=PRECISIONS[tc.precision],
+                              cpu=not torch.cuda.is_available())
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if tc.deterministic:
         # Without this, CPU/GPU kernels with parallel scatter-adds (embedding and gather backward) vary in the last bits
@@ -453,6 +455,13 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
         return _train(cfg, accelerator, resume=resume, stop_after=stop_after, progress=progress, export=export)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        if accelerator.num_processes == 1:
+            # accelerate keeps process-wide singletons; reset them so a later train() in this process (tests, notebooks)
+            # may use another precision. Multi-process runs keep theirs (one run per process there).
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
 
 
 def _train(cfg: RunConfig, accelerator, *, resume: bool, stop_after: int | None, progress: bool,
