@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_engine import full_recompute_greedy
 
-from stllm_core.engine import MAX_NEW_TOKENS_LIMIT
+from stllm_core.engine import MAX_NEW_TOKENS_LIMIT, EngineConfig
 from stllm_core.errors import ConfigError, InputError, ModelLoadError
 from stllm_core.model import random_clip, save_pretrained
 from stllm_core.reasoning import Answer, AnswerPipeline
@@ -58,9 +58,9 @@ def _timings(a: Answer) -> dict:
     return {"encode_ms": a.encode_ms, "prefill_ms": a.prefill_ms, "decode_ms": a.decode_ms}
 
 
-def test_streaming_partials_grow_to_the_final_text(clip):
+def test_streaming_partials_grow_to_the_final_text(pipe, clip):
     """Sampling (the random tiny model's greedy answer is only newlines): varied tokens, streamed as they come."""
-    sampler = AnswerPipeline.load("tiny-random", seed=0, temperature=1.5, max_new_tokens=20)
+    sampler = AnswerPipeline(pipe.model, pipe.processor, EngineConfig(temperature=1.5, max_new_tokens=20))
     partials: list[str] = []
     ans = sampler.answer(QUESTION, clip, on_text=partials.append)
     assert ans.text, "the sampled answer is empty; the test needs text"
@@ -160,14 +160,13 @@ def test_load_errors_are_typed(tmp_path):
             AnswerPipeline.load(device="cuda")
 
 
-def test_padded_encoder_path_gives_the_same_answer(clip):
+def test_padded_encoder_path_gives_the_same_answer(pipe, clip):
     """Non-eager backends pad the encoder inputs to fixed shapes; the answer must not change. The encoder is run
     through the padded path with an eager module here (torch.compile itself is covered in test_engine_backends)."""
-    eager = AnswerPipeline.load("tiny-random", seed=0, max_new_tokens=16)
-    padded = AnswerPipeline.load("tiny-random", seed=0, max_new_tokens=16)
+    padded = AnswerPipeline(pipe.model, pipe.processor, EngineConfig(max_new_tokens=16))
     padded.backend = "fixed-shape eager"  # any non-eager name takes the padded path
     padded._encoders = _AlwaysEager(padded)
-    assert padded.answer(QUESTION, clip).text == eager.answer(QUESTION, clip).text
+    assert padded.answer(QUESTION, clip).text == pipe.answer(QUESTION, clip, max_new_tokens=16).text
     assert padded._encoders.shapes[0][3] == (1, 256, 6)  # points padded to max_points
 
 
