@@ -73,3 +73,17 @@ def test_onnx_export_matches_eager_on_onnxruntime(tiny, exported, tmp_path):
     print(f"ONNX Runtime vs eager encoder stack, max abs error (fp32): {err:.2e}")
     assert err < 1e-4
     assert tuple(onnx_run(path, args).shape) == (1, model.config.num_queries, 32)
+
+
+def test_export_cli_writes_a_loadable_program(tmp_path, capsys):
+    from stllm_core.engine.export import main
+
+    out = tmp_path / "encoder.pt2"
+    assert main(["--model", "tiny-random", "--out", str(out), "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert "max abs error vs eager: 0.00e+00" in printed and "points (1, 256, 6)" in printed
+    program = torch.export.load(str(out))
+    assert isinstance(program, torch.export.ExportedProgram)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "encoder.bin")])
+    assert "must end in .onnx or .pt2" in capsys.readouterr().err

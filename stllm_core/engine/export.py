@@ -167,3 +167,63 @@ def onnx_max_abs_error(path: str | os.PathLike, model: nn.Module, args: tuple[to
     with torch.no_grad():
         ref = EncoderStack(model).eval()(*args).float().cpu()
     return float((onnx_run(path, args).float() - ref).abs().max())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m stllm_core.engine.export --model <dir>|tiny-random --out encoder.onnx|encoder.pt2 [--check]
+
+    Exports the encoder stack at the model's fixed shapes (num_frames, max_points, aligner_max_question_tokens) for a
+    random example clip. `.onnx` -> ONNX (for onnxruntime or TensorRT's trtexec); `.pt2` -> torch.export.save.
+    --check compares the export with eager on the example and fails above --tolerance.
+    """
+    import argparse
+
+    from stllm_core.model import random_clip
+    from stllm_core.reasoning.pipeline import AnswerPipeline
+
+    ap = argparse.ArgumentParser(
+        prog="python -m stllm_core.engine.export",
+        description=main.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--model", default="tiny-random", help="a saved model directory, or tiny-random")
+    ap.add_argument("--out", required=True, help="output file: *.onnx or *.pt2")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    ap.add_argument("--check", action="store_true", help="compare with eager (onnxruntime for .onnx)")
+    ap.add_argument("--tolerance", type=float, default=1e-4, help="max abs error accepted by --check")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    if out.suffix not in (".onnx", ".pt2"):
+        ap.error(f"--out must end in .onnx or .pt2, got {out.name!r}")
+
+    pipe = AnswerPipeline.load(args.model, device="cpu", dtype=args.dtype)
+    model, cfg = pipe.model, pipe.model.config
+    clip = random_clip(cfg.num_frames, seed=0, num_points=min(int(cfg.max_points) * 4, 50_000))
+    args_t = encoder_args(pad_encoder_inputs(pipe.processor("Where is the mug?", clip), cfg))
+    program = export_encoder(model, args_t)
+    if out.suffix == ".pt2":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, str(out))
+    else:
+        export_onnx(model, args_t, out, program=program)
+    print(
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); inputs: "
+        + ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(ENCODER_INPUTS, args_t, strict=True))
+    )
+    if args.check:
+        with torch.no_grad():
+            ref = EncoderStack(model).eval()(*args_t).float()
+            if out.suffix == ".pt2":
+                got = torch.export.load(str(out)).module()(*args_t).float()
+            else:
+                got = onnx_run(out, args_t).float()
+        err = float((got - ref).abs().max())
+        print(f"max abs error vs eager: {err:.2e} (tolerance {args.tolerance:.0e})")
+        if not err <= args.tolerance:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
