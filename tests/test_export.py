@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -81,7 +83,9 @@ def test_export_cli_writes_a_loadable_program(tmp_path, capsys):
     out = tmp_path / "encoder.pt2"
     assert main(["--model", "tiny-random", "--out", str(out), "--check"]) == 0
     printed = capsys.readouterr().out
-    assert "max abs error vs eager: 0.00e+00" in printed and "points (1, 256, 6)" in printed
+    assert "points (1, 256, 6)" in printed
+    err = float(re.search(r"max abs error vs eager: (\S+) ", printed).group(1))
+    assert err <= 1e-6
     program = torch.export.load(str(out))
     assert isinstance(program, torch.export.ExportedProgram)
     with pytest.raises(SystemExit):
