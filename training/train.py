@@ -223,7 +223,9 @@ def prepare_model(model, cfg: RunConfig):
     if cfg.train.gradient_checkpointing:
         for name in ("vision_tower", "language_model"):
             part = getattr(model, name)
-            if hasattr(part, "gradient_checkpointing_enable"):
+            if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(part, "gradient_checkpointing_enable"):
                 part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not names:
@@ -728,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-after", type=int, help="stop after this many total steps (schedule unchanged)")
     p.add_argument("--train-data", help="REA JSON to train on (overrides data.train)")
     p.add_argument("--val-data", help="REA JSON for the validation loss (overrides data.val)")
+    p.add_argument("--no-export", action="store_true", help="do not write <out>/model at the end (benchmarks)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -744,11 +747,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.train = args.train_data
         if args.val_data:
             cfg.data.val = args.val_data
-        res = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+        res = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
+                    export=not args.no_export)
     except STLLMError as e:
         print(f"stllm-train: error: {e}", file=sys.stderr)
         return 2
-    msg = f"done: {res.steps} steps, last loss {res.losses[-1]:.4f}" if res.losses else f"done: {res.steps} steps"
+    msg = f"done: {res.steps} steps, {res.samples_per_s:.2f} samples/s"
+    msg += f", last loss {res.losses[-1]:.4f}" if res.losses else ""
     if res.export_dir:
         msg += f", model exported to {res.export_dir}"
     print(msg)
