@@ -23,8 +23,12 @@ def _nodes(context):
             overrides[param] = value
     actions = [
         LifecycleNode(
-            package="stllm_ros", executable=spec.executable, name=spec.name, namespace=spec.namespace,
-            parameters=[get(LaunchConfiguration("params_file")), overrides], output="screen",
+            package="stllm_ros",
+            executable=spec.executable,
+            name=spec.name,
+            namespace=spec.namespace,
+            parameters=[get(LaunchConfiguration("params_file")), overrides],
+            output="screen",
         )
         for spec in NODES
     ]
@@ -37,7 +41,9 @@ def generate_launch_description():
     args = [
         DeclareLaunchArgument("params_file", default_value=str(default_params_file()), description="parameters YAML"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock (true when bag is set)"),
-        DeclareLaunchArgument("bag", default_value="", description="a rosbag2 bag to replay with stllm-play (optional)"),
+        DeclareLaunchArgument(
+            "bag", default_value="", description="a rosbag2 bag to replay with stllm-play (optional)"
+        ),
     ]
     for arg, (_param, help_text) in LAUNCH_ARGUMENTS.items():
         args.append(DeclareLaunchArgument(arg, default_value="", description=f"{help_text} (empty = params file)"))

@@ -24,18 +24,26 @@ def _stamp(t) -> float:
 
 def response_dict(res: AskSTLLM.Response) -> dict:
     return {
-        "success": res.success, "answer": res.answer, "error": res.error,
-        "clip_start": _stamp(res.clip_start), "clip_end": _stamp(res.clip_end),
-        "num_frames": res.num_frames, "num_points": res.num_points,
-        "encode_ms": round(res.encode_ms, 1), "prefill_ms": round(res.prefill_ms, 1),
-        "decode_ms": round(res.decode_ms, 1), "num_tokens": res.num_tokens,
+        "success": res.success,
+        "answer": res.answer,
+        "error": res.error,
+        "clip_start": _stamp(res.clip_start),
+        "clip_end": _stamp(res.clip_end),
+        "num_frames": res.num_frames,
+        "num_points": res.num_points,
+        "encode_ms": round(res.encode_ms, 1),
+        "prefill_ms": round(res.prefill_ms, 1),
+        "decode_ms": round(res.decode_ms, 1),
+        "num_tokens": res.num_tokens,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     user_args = rclpy.utilities.remove_ros_args(["stllm-ask", *argv])[1:]
-    p = argparse.ArgumentParser(prog="stllm-ask", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="stllm-ask", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("question")
     p.add_argument("--window", type=float, default=0.0, help="seconds of recent video (0 = the node's default)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="answer length cap (0 = the node's default)")

@@ -20,6 +20,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from std_msgs.msg import String
 
+from stllm_core.errors import InputError
 from stllm_core.reasoning.config import HELP, ReasonerConfig
 from stllm_core.reasoning.reasoner import Reasoner, Result
 from stllm_ros.msg import Answer
@@ -112,8 +113,19 @@ class ReasonerNode(LifecycleNode):
 
     # service ------------------------------------------------------------------------------------------------------
     def _clip(self, window_sec: float, num_frames: int, strategy: str):
+        """Frames of the last `window_sec` s of the node's clock (sim time when replaying a bag with /clock)."""
         assert self.perception is not None
-        return self.perception.clip(window_sec, num_frames, strategy)
+        now_ns = self.get_clock().now().nanoseconds
+        now = now_ns * 1e-9 if now_ns > 0 else None  # sim time before the first /clock: the newest frame's stamp
+        clip = self.perception.clip(window_sec, num_frames, strategy, now=now)
+        if not clip.frames:
+            latest = self.perception.latest_frame()
+            if latest is not None and now is not None and now - latest.stamp > window_sec:
+                raise InputError(
+                    f"the newest camera frame is {now - latest.stamp:.1f} s old, older than the {window_sec:g} s "
+                    f"window: is the camera still publishing on {self.perception.config.image_topic}?"
+                )
+        return clip
 
     def _on_ask(self, request: AskSTLLM.Request, response: AskSTLLM.Response) -> AskSTLLM.Response:
         reasoner = self.reasoner
@@ -122,6 +134,7 @@ class ReasonerNode(LifecycleNode):
         else:
             on_text = None
             if self.config.stream_partial:
+
                 def on_text(text: str) -> None:
                     self.partial.publish(String(data=text))
 
@@ -134,8 +147,16 @@ class ReasonerNode(LifecycleNode):
         response.clip_end = to_time(result.clip_end)
         if result.success:
             msg = Answer(stamp=self.get_clock().now().to_msg(), question=request.question, answer=result.answer)
-            for name in ("clip_start", "clip_end", "num_frames", "num_points", "encode_ms", "prefill_ms",
-                         "decode_ms", "num_tokens"):
+            for name in (
+                "clip_start",
+                "clip_end",
+                "num_frames",
+                "num_points",
+                "encode_ms",
+                "prefill_ms",
+                "decode_ms",
+                "num_tokens",
+            ):
                 setattr(msg, name, getattr(response, name))
             self.answers.publish(msg)
             self.get_logger().info(f"Q: {request.question!r} -> A: {result.answer!r} ({result.num_tokens} tokens)")

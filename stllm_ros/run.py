@@ -33,7 +33,8 @@ def node_command(spec, params_file: str, params: list[str]) -> list[str]:
 def player_command(bag: str, rate: float, loop: bool) -> list[str]:
     exe = shutil.which("stllm-play")
     cmd = [exe] if exe else [sys.executable, "-m", "stllm_ros.bag_player"]
-    cmd += [bag, "--rate", str(rate), "--clock"]
+    # wait until the nodes subscribe (they do once configured: the model loads first), so no frame is lost
+    cmd += [bag, "--rate", str(rate), "--clock", "--wait-for-subscribers", "120", "--delay", "1.0"]
     return cmd + (["--loop"] if loop else [])
 
 
@@ -46,10 +47,19 @@ def parse_param(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="stllm-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="stllm-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--params-file", default=None, help="ROS 2 parameters YAML (default: config/reasoner.yaml)")
-    p.add_argument("--param", "-p", action="append", default=[], type=parse_param, metavar="NAME:=VALUE",
-                   help="override one parameter (repeatable); launch-argument names are accepted too")
+    p.add_argument(
+        "--param",
+        "-p",
+        action="append",
+        default=[],
+        type=parse_param,
+        metavar="NAME:=VALUE",
+        help="override one parameter (repeatable); launch-argument names are accepted too",
+    )
     p.add_argument("--bag", help="replay this rosbag2 bag (mcap or sqlite3) into the graph with /clock")
     p.add_argument("--rate", type=float, default=1.0, help="bag replay rate")
     p.add_argument("--loop", action="store_true", help="replay the bag in a loop")

@@ -30,8 +30,17 @@ def test_generated_interfaces_have_the_documented_fields():
     assert set(req.get_fields_and_field_types()) == {"question", "window_sec", "max_new_tokens"}
     res = set(AskSTLLM.Response.get_fields_and_field_types())
     assert res == {
-        "success", "answer", "error", "clip_start", "clip_end", "num_frames", "num_points",
-        "encode_ms", "prefill_ms", "decode_ms", "num_tokens",
+        "success",
+        "answer",
+        "error",
+        "clip_start",
+        "clip_end",
+        "num_frames",
+        "num_points",
+        "encode_ms",
+        "prefill_ms",
+        "decode_ms",
+        "num_tokens",
     }
     assert {"question", "answer", "stamp", "clip_start", "num_tokens"} <= set(Answer.get_fields_and_field_types())
 

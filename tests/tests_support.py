@@ -57,7 +57,12 @@ class NodeProcess:
 
     def __enter__(self) -> NodeProcess:
         self.proc = subprocess.Popen(
-            self.cmd, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            self.cmd,
+            env=self.env,
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -131,7 +136,7 @@ class RosTestNode:
         for attempt in range(2):
             future = client.call_async(request)
             done = threading.Event()
-            future.add_done_callback(lambda _f: done.set())
+            future.add_done_callback(lambda _f, done=done: done.set())
             if done.wait(timeout if attempt else timeout / 2):
                 return future.result()
             client.remove_pending_request(future)

@@ -48,7 +48,9 @@ def clean_question(text: str, max_chars: int) -> str:
     if not isinstance(text, str):
         raise InputError(f"the question must be text, got {type(text).__name__}")
     if len(text) > max_chars:
-        raise InputError(f"the question is {len(text)} characters long; the maximum is {max_chars} (max_question_chars)")
+        raise InputError(
+            f"the question is {len(text)} characters long; the maximum is {max_chars} (max_question_chars)"
+        )
     chars = []
     for ch in text:
         cat = unicodedata.category(ch)
@@ -88,12 +90,18 @@ class Reasoner:
         try:
             q = clean_question(question, cfg.max_question_chars)
             if window_sec < 0 or window_sec != window_sec or window_sec > 3600:
-                raise InputError(f"window_sec must be between 0 (= default {cfg.window_sec} s) and 3600, got {window_sec}")
+                raise InputError(
+                    f"window_sec must be between 0 (= default {cfg.window_sec} s) and 3600, got {window_sec}"
+                )
             if max_new_tokens > 512:
-                raise InputError(f"max_new_tokens must be at most 512 (0 = default {cfg.max_new_tokens}), got {max_new_tokens}")
+                raise InputError(
+                    f"max_new_tokens must be at most 512 (0 = default {cfg.max_new_tokens}), got {max_new_tokens}"
+                )
             window = window_sec or cfg.window_sec
             max_tokens = max_new_tokens or cfg.max_new_tokens
-            future = self.worker.submit(lambda cancel: self._answer(q, window, max_tokens, on_text, cancel), cfg.timeout_sec)
+            future = self.worker.submit(
+                lambda cancel: self._answer(q, window, max_tokens, on_text, cancel), cfg.timeout_sec
+            )
             return future.result(timeout=cfg.timeout_sec + 5.0)
         except (Busy, Timeout, InputError) as e:
             return Result(False, error=str(e))

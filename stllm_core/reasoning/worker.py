@@ -59,7 +59,7 @@ class AnswerWorker:
             busy_running = self._running is not None
             if self._waiting >= self.queue_size + (0 if busy_running else 1):
                 raise Busy(
-                    f"the reasoner is busy: {self._waiting} question(s) already waiting (queue_size={self.queue_size}); "
+                    f"the reasoner is busy: {self._waiting} question(s) waiting (queue_size={self.queue_size}); "
                     "try again shortly"
                 )
             self._waiting += 1

@@ -1,0 +1,109 @@
+"""The reasoning service across processes, before any camera data: refusals are answers with reasons, never crashes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from stllm_ros.srv import AskSTLLM
+from tests_support import NodeProcess, RosTestNode, ros_env
+
+
+def reasoner(*params: str) -> NodeProcess:
+    args = []
+    for p in params:
+        args += ["-p", p]
+    return NodeProcess.python("stllm_ros.reasoner_node", "--ros-args", "-r", "__ns:=/t", *args)
+
+
+@pytest.fixture(scope="module")
+def ros():
+    with RosTestNode("reasoner_test_client") as node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+def tiny_node(ros):
+    with reasoner("model:=tiny-random", "service_name:=/t/ask", "queue_size:=1", "max_question_chars:=200") as proc:
+        proc.wait_for_output("stllm reasoner up", timeout=180)
+        client = ros.node.create_client(AskSTLLM, "/t/ask")
+        ros.wait_for_service(client)
+        yield proc, client
+        assert proc.returncode is None, "the reasoner died:\n" + proc.output[-3000:]
+
+
+def ask(ros, client, question, **kw):
+    return ros.call(client, AskSTLLM.Request(question=question, **kw), timeout=90)
+
+
+@pytest.mark.parametrize(
+    "question, reason",
+    [
+        ("", "empty"),
+        ("   \t\n  ", "empty"),
+        ("\x00\x01\x1b", "empty"),
+        ("x" * 201, "maximum is 200"),
+    ],
+)
+def test_bad_questions_are_refused_with_a_reason(ros, tiny_node, question, reason):
+    res = ask(ros, tiny_node[1], question)
+    assert not res.success and reason in res.error and res.answer == ""
+
+
+def test_bad_request_fields_are_refused(ros, tiny_node):
+    res = ask(ros, tiny_node[1], "where is the mug?", window_sec=-1.0)
+    assert not res.success and "window_sec" in res.error
+    res = ask(ros, tiny_node[1], "where is the mug?", max_new_tokens=100000)
+    assert not res.success and "max_new_tokens" in res.error
+
+
+def test_no_frames_yet_is_a_clear_refusal_not_a_hang(ros, tiny_node):
+    res = ask(ros, tiny_node[1], "Where did I put the mug?")
+    assert not res.success
+    assert "no camera frames" in res.error and res.num_frames == 0
+
+
+def test_cli_client_prints_the_reason_and_exits_1(tiny_node):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stllm_ros.ask_client",
+            "Where is the fridge?",
+            "--service",
+            "/t/ask",
+            "--timeout",
+            "90",
+        ],
+        env=ros_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "no camera frames" in out.stderr
+
+
+def test_cli_client_without_a_service_exits_2():
+    out = subprocess.run(
+        [sys.executable, "-m", "stllm_ros.ask_client", "hello?", "--service", "/nobody/here", "--timeout", "2"],
+        env=ros_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "not available" in out.stderr
+
+
+def test_a_wrong_model_path_leaves_the_node_up_and_says_why(ros, tmp_path):
+    missing = tmp_path / "no-such-model"
+    with reasoner(f"model:={missing}", "service_name:=/t/ask_broken") as proc:
+        proc.wait_for_output("stllm reasoner up", timeout=180)
+        client = ros.node.create_client(AskSTLLM, "/t/ask_broken")
+        ros.wait_for_service(client)
+        res = ask(ros, client, "Where is the mug?")
+        assert not res.success
+        assert "failed to load" in res.error and str(missing) in res.error
+        assert proc.returncode is None
