@@ -1,5 +1,6 @@
 """End to end across processes: the stack (stllm-run) runs, a REA-Sim bag is replayed into it with /clock, and
-AskSTLLM is called from this process; plus the behaviours around it (no map, streaming, placeholders, 16 clients, camera stopped)."""
+AskSTLLM is called from this process; plus the behaviours around it (no map, streaming, placeholders, 16 clients,
+camera stopped)."""
 
 from __future__ import annotations
 

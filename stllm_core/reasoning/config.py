@@ -1,6 +1,7 @@
 """ReasonerConfig: every parameter of the reasoning service, validated.
 
-The ROS node declares one parameter per field (same name, same default, the help text below), so config/reasoner.yaml, the launch file and stllm-run share one list."""
+The ROS node declares one parameter per field (same name, same default, the help text below), so
+config/reasoner.yaml, the launch file and stllm-run share one list."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 
 HELP = {
-    "model": "model to load: 'stllm-smol' (the embedded default, models/stllm-smol), 'tiny-random' (a tiny untrained "
-    "model for tests and plumbing), or a model directory written by save_pretrained or stllm-train",
+    "model": "model to load: 'stllm-smol' (the embedded default, models/stllm-smol), 'tiny-random' (a tiny "
+    "untrained model for tests and plumbing), or a model directory written by save_pretrained or stllm-train",
     "backend": "inference backend: eager | compiled (torch.compile, CUDA graphs on GPU) | tensorrt (needs torch-tensorrt)",
     "device": "cpu | cuda | auto (cuda when available)",
     "dtype": "float32 | bfloat16 | float16 (float32 on CPU is the safe choice)",
