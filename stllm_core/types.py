@@ -37,7 +37,7 @@ class Scene:
         return int(self.points.shape[0])
 
     @staticmethod
-    def empty(frame_id: str = "map") -> "Scene":
+    def empty(frame_id: str = "map") -> Scene:
         return Scene(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8), frame_id)
 
 

@@ -16,7 +16,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 HELP = {
     "model": "model to load: 'stllm-smol' (the embedded default, models/stllm-smol), 'tiny-random' (a tiny "
     "untrained model for tests and plumbing), or a model directory written by save_pretrained or stllm-train",
-    "backend": "inference backend: eager | compiled (torch.compile, CUDA graphs on GPU) | tensorrt (needs torch-tensorrt)",
+    "backend": "inference backend: eager | compiled (torch.compile, CUDA graphs on GPU) | tensorrt (torch-tensorrt)",
     "device": "cpu | cuda | auto (cuda when available)",
     "dtype": "float32 | bfloat16 | float16 (float32 on CPU is the safe choice)",
     "num_frames": "frames given to the model per question; 0 = the model's configured number",
