@@ -56,6 +56,20 @@ def test_scores_and_outputs_with_an_oracle(smoke, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and res["chart"] == str(png)
 
 
+def test_reasim_references_score_full_marks(tmp_path):
+    from stllm_core.data import generate_reasim
+
+    generate_reasim(tmp_path / "rs", scenes=2, clips_per_scene=1, frames=8, size=(64, 48), questions_per_type=1,
+                    write_depth=False)
+    data = tmp_path / "rs" / "train.json"
+    cfg = ev.EvalConfig(data=str(data), out=str(tmp_path / "o.json"), meteor=False, sentence_sim=False,
+                        tokenizer="simple")
+    res = ev.evaluate(cfg, pipeline=OraclePipeline(data), progress=False)
+    assert res["num_answered"] == len(read_rea_json(data)) > 0
+    assert res["accuracy"]["overall"]["accuracy"] == 100.0
+    assert res["language_metrics"]["BLEU-1"] == pytest.approx(100.0)
+
+
 def test_failed_records_are_listed(smoke, tmp_path):
     records = json.loads(smoke.read_text())
     broken = dict(records[0], id="no-frames", query_start_frame=500)

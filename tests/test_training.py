@@ -9,14 +9,20 @@ import torch
 
 from stllm_core.errors import ConfigError, DataError
 from training import train as tr
-from training.data import DataConfig, READataset, SkippedSample, write_smoke_rea
+from training.data import DataConfig, READataset, SkippedSample
 
 ALL_PARTS = ["vision_tower", "vision_projector", "point_encoder", "ray_encoders", "aligner", "language_model"]
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    return write_smoke_rea(tmp_path_factory.mktemp("rea"), num_clips=4, frames_per_clip=6)
+    """A tiny REA-Sim split (the data helper's generator): 3 training kitchens, ~15 questions, 8 frames of 64x48."""
+    from stllm_core.data import generate_reasim
+
+    out = tmp_path_factory.mktemp("reasim")
+    generate_reasim(out, scenes=4, clips_per_scene=1, frames=8, size=(64, 48), questions_per_type=1, seed=0,
+                    write_depth=False)
+    return out / "train.json"
 
 
 def _cfg(data, out, **train):
@@ -30,16 +36,17 @@ def test_loss_decreases_and_export_loads(smoke, tmp_path):
     from stllm_core.model import load_pretrained
 
     cfg = _cfg(smoke, tmp_path / "run", trainable=ALL_PARTS, max_steps=10)
-    cfg.data.val = str(smoke)
+    cfg.data.val = str(smoke.parent / "val.json")
     res = tr.train(cfg, progress=False)
     assert res.steps == 10 and len(res.losses) == 10 and all(math.isfinite(x) for x in res.losses)
     first, last = sum(res.losses[:3]) / 3, sum(res.losses[-3:]) / 3
     assert last < first - 0.2, res.losses
-    assert res.val_loss is not None and res.val_loss < res.losses[0]
+    assert res.val_loss is not None and math.isfinite(res.val_loss)
     # The exported directory is a normal model directory with a model card.
     model, processor = load_pretrained(res.export_dir)
     card = (res.export_dir / "README.md").read_text()
-    assert "optimizer steps: 10" in card and "20 usable records" in card and "validation loss" in card
+    n = len(json.loads(smoke.read_text()))
+    assert "optimizer steps: 10" in card and f"{n} usable records" in card and "validation loss" in card
     log_file = tmp_path / "run" / "train_log.jsonl"
     logged = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, 11))
