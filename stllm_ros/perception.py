@@ -69,7 +69,8 @@ class PerceptionConfig:
     queue_size: int = 8  # converted messages waiting for the worker; drop-oldest beyond
     max_pending: int = 32  # items waiting for their TF; drop-oldest beyond
     pose_wait_sec: float = 0.5  # wall time an item may wait for TF at its stamp before it is dropped
-    keyframe_period_sec: float = 0.0  # keep at most one image per period (0 = every image)
+    keyframe_period_sec: float = 0.1  # keep at most one image per period (0 = every image); 10 Hz keeps ~25 s
+    # of 640x480 history in the default FrameBuffer bounds (256 frames, 256 MiB) where 30 Hz would keep ~8 s
     depth_stride: int = 4  # integrate every n-th depth pixel in both directions
     attach_depth: bool = True  # keep a depth image with the keyframe of the same stamp ("coverage" selection)
     tf_cache_sec: float = 10.0
