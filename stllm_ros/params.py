@@ -4,6 +4,9 @@ dotted names), the field's default, a description, and validation of runtime upd
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import re
 import typing
 from typing import Any
 
@@ -26,6 +29,32 @@ def _flatten(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, 
     return out
 
 
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in the dataclass's source: the parameter's description."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", src, re.M)}
+
+
+def describe(cls: type, prefix: str = "", help: dict[str, str] | None = None) -> list[tuple[str, Any, str]]:
+    """(name, default, description) of every parameter declared for `cls`."""
+    rows = []
+    for name, f, _t in _flatten(cls):
+        owner = _owner(cls, name)
+        desc = (help or {}).get(name) or field_comments(owner).get(name.rsplit(".", 1)[-1], "")
+        rows.append((prefix + name, _ros_value(_default(f)), desc))
+    return rows
+
+
+def _owner(cls: type, dotted: str) -> type:
+    hints = typing.get_type_hints(cls)
+    head, _, rest = dotted.partition(".")
+    return _owner(hints[head], rest) if rest else cls
+
+
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -41,16 +70,31 @@ def _ros_value(value: Any) -> Any:
 def declare_config(node: Node, cls: type, prefix: str = "", help: dict[str, str] | None = None) -> list[str]:
     """Declare every field of `cls` as a parameter `<prefix><field>`; returns the parameter names."""
     names = []
-    for name, f, _t in _flatten(cls):
-        default = _ros_value(_default(f))
-        desc = (help or {}).get(name) or f.metadata.get("help", "")
+    for name, default, desc in describe(cls, prefix, help):
         if isinstance(default, list) and not default:
             # an empty list has no ROS type; declare it as a string array
-            node.declare_parameter(prefix + name, Parameter.Type.STRING_ARRAY, ParameterDescriptor(description=desc))
+            node.declare_parameter(name, Parameter.Type.STRING_ARRAY, ParameterDescriptor(description=desc))
         else:
-            node.declare_parameter(prefix + name, default, ParameterDescriptor(description=desc))
-        names.append(prefix + name)
+            node.declare_parameter(name, default, ParameterDescriptor(description=desc))
+        names.append(name)
     return names
+
+
+def markdown_table() -> str:
+    """The README's parameter table for /stllm/reasoner (python -m stllm_ros.params)."""
+    from stllm_core.reasoning.config import HELP, ReasonerConfig
+    from stllm_ros.perception import PerceptionConfig
+
+    rows = [("autostart", True, "configure and activate at start (load the model, start perception, serve)")]
+    rows += describe(ReasonerConfig, help=HELP) + describe(PerceptionConfig, prefix="perception.")
+    lines = ["| parameter | default | meaning |", "|---|---|---|"]
+    for name, default, desc in rows:
+        lines.append(f"| `{name}` | `{default!r}` | {desc.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
