@@ -12,6 +12,7 @@ several threads, one question at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -100,7 +101,7 @@ class AnswerPipeline:
         if engine_config is None:
             engine_config = EngineConfig(stop_token_ids=stops)
         elif not engine_config.stop_token_ids:
-            engine_config = EngineConfig(**{**engine_config.__dict__, "stop_token_ids": stops})
+            engine_config = dataclasses.replace(engine_config, stop_token_ids=stops)
         self.engine = Engine(model.language_model, engine_config)
         self.backend = engine_config.backend
         self.engine_cache_dir = engine_cache_dir
