@@ -57,3 +57,12 @@ def test_install_tree_has_launch_files_and_executables_where_ros2_looks():
     for exe in ("stllm-reasoner", "stllm-perception", "stllm-ask", "stllm-run", "stllm-play"):
         assert (install / "lib" / "stllm_ros" / exe).exists(), exe
     assert (install / "share" / "stllm_ros" / "package.xml").exists()
+
+
+def test_readme_documents_every_parameter_of_the_reasoner():
+    from stllm_ros.params import markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    names = [line.split("`")[1] for line in markdown_table().splitlines()[2:]]
+    missing = [n for n in names if f"`{n}`" not in readme]
+    assert not missing, f"README.md lacks these parameters (run python -m stllm_ros.params): {missing}"
