@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_hf and len(rows) > 1:
         hf = rows[-1]
         for r in rows[:-1]:
-            print(f"  {r.impl} end-to-end (model time) is {hf.e2e_ms / r.e2e_ms:.2f}x faster than HF generate()")
+            print(f"  {r.impl}: end-to-end (model time) speed-up over HF generate() = {hf.e2e_ms / r.e2e_ms:.2f}x")
     if args.json:
         out = {"device": machine_name(device), "dtype": dtype_name, "model": name, "args": vars(args),
                "bandwidth_gb_s": bw / 1e9, "matmul_tflop_s": mm / 1e12, "rows": [asdict(r) for r in rows],
