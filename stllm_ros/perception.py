@@ -72,6 +72,8 @@ class PerceptionConfig:
     keyframe_period_sec: float = 0.1  # keep at most one image per period (0 = every image); 10 Hz keeps ~25 s
     # of 640x480 history in the default FrameBuffer bounds (256 frames, 256 MiB) where 30 Hz would keep ~8 s
     depth_stride: int = 4  # integrate every n-th depth pixel in both directions
+    color_match_sec: float = 0.02  # a colour image this close in time to a depth image colours it
+    depth_requires_color: bool = True  # drop depth that has no colour image (else integrate it in default_color)
     attach_depth: bool = True  # keep a depth image with the keyframe of the same stamp ("coverage" selection)
     tf_cache_sec: float = 10.0
     time_jump_reset_sec: float = 3.0  # an image this much older than the last one = clock reset (bag loop): clear
@@ -94,7 +96,13 @@ class PerceptionConfig:
         for name in ("queue_size", "max_pending", "depth_stride"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-        for name in ("pose_wait_sec", "keyframe_period_sec", "publish_map_period", "diagnostics_period"):
+        for name in (
+            "pose_wait_sec",
+            "keyframe_period_sec",
+            "publish_map_period",
+            "diagnostics_period",
+            "color_match_sec",
+        ):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and value >= 0, name, value, "a number >= 0")
         for name in ("tf_cache_sec", "time_jump_reset_sec", "log_throttle_sec"):
@@ -142,7 +150,7 @@ class Perception:
         self.node = node
         self.config = config = config or PerceptionConfig()
         self._log = node.get_logger()
-        self._lock = threading.Lock()  # counters, camera info, last stamps, frame buffer
+        self._lock = threading.RLock()  # counters, camera info, last stamps, frame buffer
         self._tf_lock = threading.RLock()  # TransformBuffer + TF bookkeeping
         self._queue: collections.deque[_Item] = collections.deque()
         self._queue_cv = threading.Condition(threading.Lock())
@@ -159,7 +167,8 @@ class Perception:
         self._info: dict[str, tuple[np.ndarray, int, int]] = {}  # topic kind -> (K, width, height)
         self._last_image_stamp: float | None = None
         self._last_keyframe_stamp: float | None = None
-        # (stamp, camera frame, rgb, K, T_world_cam) of the last keyframes, to colour depth and attach it to them
+        self._colors: collections.deque[tuple[float, str, np.ndarray]] = collections.deque(maxlen=8)  # to colour depth
+        # (stamp, camera frame, rgb, K, T_world_cam) of the last keyframes, to attach depth to them
         self._recent: collections.deque[tuple[float, str, np.ndarray, np.ndarray, np.ndarray]] = collections.deque(
             maxlen=8
         )
@@ -355,7 +364,8 @@ class Perception:
             self._last_image_stamp = stamp
             kf = self._last_keyframe_stamp
         period = self.config.keyframe_period_sec
-        if period > 0 and kf is not None and stamp - kf < period:
+        keyframe = period <= 0 or kf is None or stamp - kf >= period
+        if not keyframe and not self.config.depth_topic:  # not needed to colour depth either: skip before converting
             self._count("images_skipped_keyframe_period")
             return
         if msg.encoding not in cv.COLOR_ENCODINGS:
@@ -368,6 +378,12 @@ class Perception:
             rgb = cv.image_to_rgb(msg)
         except InputError as e:
             self._bad_input("bad_image", str(e))
+            return
+        if self.config.depth_topic:
+            with self._lock:
+                self._colors.append((stamp, frame_id, rgb))
+        if not keyframe:
+            self._count("images_skipped_keyframe_period")
             return
         with self._lock:
             self._last_keyframe_stamp = stamp
@@ -551,6 +567,8 @@ class Perception:
             waited = time.monotonic() - item.t_enqueued
             if waited < self.config.pose_wait_sec and not self._tf_covers(item.frame_id, item.stamp):
                 return  # TF has not reached this stamp yet: wait rather than extrapolate within the tolerance
+            if item.kind == "depth" and waited < self.config.pose_wait_sec and self._depth_color(item) is None:
+                return  # its colour image may still be on the way
             try:
                 T = self._lookup(item.frame_id, item.stamp)
             except LookupError as e:
@@ -588,39 +606,46 @@ class Perception:
             self._count("clouds_integrated")
             self._map_version += 1
 
+    def _depth_color(self, item: _Item) -> np.ndarray | None:
+        """The colour image of the same camera and size closest in time to a depth item, within color_match_sec."""
+        stamp, shape = item.stamp, item.data[0].shape
+        with self._lock:
+            candidates = [c for c in self._colors if c[1] == item.frame_id and c[2].shape[:2] == shape]
+        if not candidates:
+            return None
+        best = min(candidates, key=lambda c: abs(c[0] - stamp))
+        return best[2] if abs(best[0] - stamp) <= self.config.color_match_sec else None
+
     def _handle_depth(self, item: _Item, T: np.ndarray) -> None:
-        """Integrate every depth_stride-th pixel into the map, coloured by the keyframe of the same camera and stamp
-        (within 1/60 s) if there is one; with attach_depth, that keyframe is re-stored carrying the full depth."""
+        """Integrate every depth_stride-th pixel into the map, coloured by the colour image of the same camera and
+        stamp (within color_match_sec); with attach_depth, the keyframe of that stamp is re-stored with the depth."""
         depth, K = item.data  # (H, W) float32 metres (NaN = none), K of the depth image
+        rgb = self._depth_color(item)
+        if rgb is None and self.config.depth_requires_color:
+            self._drop("depth_no_color")
+            return
         s = self.config.depth_stride
         sub = depth[::s, ::s]  # pixel u' of `sub` is pixel u = s * u' of `depth`
         K_sub = K.copy()
         K_sub[:2, :] /= s  # fx/s, cx/s, fy/s, cy/s: exact for integer subsampling of pixel indices
-        match = self._matching_keyframe(item.stamp, item.frame_id, depth.shape)
-        color = np.ascontiguousarray(match[2][::s, ::s]) if match is not None else None
+        color = np.ascontiguousarray(rgb[::s, ::s]) if rgb is not None else None
         self.scene_map.integrate_depth(sub, K_sub, T, image=color, stamp=item.stamp, stride=1)
         self._count("depth_integrated")
         self._map_version += 1
-        if match is None or not self.config.attach_depth:
+        if not self.config.attach_depth:
             return
-        stamp, _, rgb, K_rgb, T_rgb = match
         with self._lock:
-            held = self.frames.frames()
-            if any(f.stamp == stamp for f in held):  # still held: replace it by the same frame with its depth
+            keyframes = [r for r in self._recent if r[1] == item.frame_id and r[2].shape[:2] == depth.shape]
+            match = min(keyframes, key=lambda r: abs(r[0] - item.stamp), default=None)
+            if match is None or abs(match[0] - item.stamp) > self.config.color_match_sec:
+                return
+            stamp, _, rgb_kf, K_kf, T_kf = match
+            if any(f.stamp == stamp for f in self.frames.frames()):  # still held: re-store it with its depth
                 try:
-                    self.frames.add(stamp, rgb, K_rgb, T_rgb, depth=depth)
+                    self.frames.add(stamp, rgb_kf, K_kf, T_kf, depth=depth)
                     self._counts["depth_attached"] += 1
                 except InputError as e:
                     self._bad_input("frame_rejected", str(e))
-
-    def _matching_keyframe(self, stamp: float, frame_id: str, shape: tuple[int, int]) -> tuple | None:
-        """The recent keyframe of the same camera, image size and stamp (within 1/60 s), if any."""
-        with self._lock:
-            candidates = [r for r in self._recent if r[1] == frame_id and r[2].shape[:2] == shape]
-        if not candidates:
-            return None
-        best = min(candidates, key=lambda r: abs(r[0] - stamp))
-        return best if abs(best[0] - stamp) <= 1.0 / 60.0 else None
 
     # --------------------------------------------------------------------------------------- map / diagnostics
 
