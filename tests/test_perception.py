@@ -81,7 +81,7 @@ def publish_main(argv=None) -> int:
     tf_pub = node.create_publisher(TFMessage, "/tf", QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
     static_pub = node.create_publisher(TFMessage, "/tf_static", latched)
     deadline = time.monotonic() + 120
-    pubs = (image_pub, info_pub, tf_pub)
+    pubs = (image_pub, info_pub, tf_pub, static_pub)
     while time.monotonic() < deadline and min(pub.get_subscription_count() for pub in pubs) < 1:
         time.sleep(0.05)
     static_pub.publish(
@@ -172,6 +172,7 @@ def test_frames_from_another_process_hold_the_published_poses(tmp_path):
         diagnostics_topic="",
         queue_size=16,
         keyframe_period_sec=0.0,  # every image is a keyframe
+        pose_wait_sec=2.0,  # generous under load: an image may wait this long for its TF
         buffer=FrameBufferConfig(max_frames=max_frames, max_age_sec=1e6, max_bytes=64 << 20),
     )
     stamps_file = tmp_path / "stamps.json"
