@@ -37,6 +37,12 @@ def lm() -> LlamaForCausalLM:
     return tiny_llama()
 
 
+@pytest.fixture(scope="module")
+def ref24(lm) -> list[int]:
+    """Full-recompute greedy reference: 24 tokens after prompt()."""
+    return full_recompute_greedy(lm, prompt(), 24)
+
+
 def prompt(length: int = 12, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, length, HIDDEN, generator=g)
@@ -54,9 +60,8 @@ def full_recompute_greedy(model, embeds: torch.Tensor, n: int) -> list[int]:
     return out
 
 
-def test_kv_cached_greedy_equals_full_recompute(lm):
-    embeds = prompt()
-    ref = full_recompute_greedy(lm, embeds, 24)
+def test_kv_cached_greedy_equals_full_recompute(lm, ref24):
+    embeds, ref = prompt(), ref24
     assert len(set(ref)) > 3, f"degenerate reference sequence {ref}"
     gen = Engine(lm, EngineConfig(max_new_tokens=24)).generate(embeds)
     assert gen.tokens == ref
@@ -112,9 +117,8 @@ def test_qwen2_kv_cache_equals_full_recompute():
     )
 
 
-def test_stop_token_ends_generation_and_is_not_returned(lm):
-    embeds = prompt()
-    ref = full_recompute_greedy(lm, embeds, 24)
+def test_stop_token_ends_generation_and_is_not_returned(lm, ref24):
+    embeds, ref = prompt(), ref24
     stop = ref[5]
     first = ref.index(stop)
     gen = Engine(lm, EngineConfig(max_new_tokens=24, stop_token_ids=(stop, VOCAB + 7))).generate(embeds)
