@@ -10,6 +10,12 @@ Threads and work:
 - One worker thread looks up T_world_cam at each image/depth/cloud stamp (waiting up to `pose_wait_sec` for TF to
   catch up: an item whose pose is not known yet is kept pending, never given a guessed pose), adds keyframes to the
   FrameBuffer, integrates depth/points into the SceneMap and publishes the map.
+- Keyframes: at most one image per `keyframe_period_sec` is stored (skipped ones are not even converted unless
+  depth needs them for colour). Depth is coloured by the colour image of the same camera within `color_match_sec`
+  (aligned depth, e.g. RealSense aligned_depth_to_color); with `attach_depth` the keyframe of that stamp is re-stored
+  with its full-size depth, which the FrameBuffer's "coverage" selection uses.
+- Time going backwards by more than `time_jump_reset_sec` on images or /tf (a bag replayed in a loop, a sim reset)
+  clears the TF history and keyframes (static TF and the map are kept) instead of rejecting everything after it.
 
 QoS: camera topics use `sensor_qos` ("sensor_data" = best effort, depth 5, matches both best-effort and reliable
 publishers; "reliable" only matches reliable publishers but never loses a frame on the wire). Large frames over DDS
@@ -56,8 +62,9 @@ class PerceptionConfig:
 
     image_topic: str = "/camera/color/image_raw"
     camera_info_topic: str = "/camera/color/camera_info"
-    depth_topic: str = ""  # depth image; registered to the colour camera unless depth_info_topic is set
-    depth_info_topic: str = ""  # CameraInfo of the depth image when it is not aligned to the colour image
+    depth_topic: str = ""  # depth image (16UC1 mm or 32FC1 m), best aligned to the colour image
+    depth_info_topic: str = ""  # CameraInfo of an unaligned depth image ("" = the colour CameraInfo); unaligned depth
+    # has no colour image of its size and frame: set depth_requires_color false to integrate it in map.default_color
     points_topic: str = ""  # PointCloud2 from another mapper (nvblox, RTAB-Map), any frame with TF to world
     tf_topic: str = "/tf"
     tf_static_topic: str = "/tf_static"
@@ -76,7 +83,7 @@ class PerceptionConfig:
     depth_requires_color: bool = True  # drop depth that has no colour image (else integrate it in default_color)
     attach_depth: bool = True  # keep a depth image with the keyframe of the same stamp ("coverage" selection)
     tf_cache_sec: float = 10.0
-    time_jump_reset_sec: float = 3.0  # an image this much older than the last one = clock reset (bag loop): clear
+    time_jump_reset_sec: float = 3.0  # a stamp this much older than the last one = clock reset (bag loop): clear
     publish_map_period: float = 2.0  # 0 disables periodic map publishing
     diagnostics_period: float = 1.0  # 0 disables diagnostics
     log_throttle_sec: float = 30.0
