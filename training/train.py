@@ -512,6 +512,10 @@ def _train(cfg: RunConfig, accelerator, *, resume: bool, stop_after: int | None,
         step, samples = int(state["step"]), int(state["samples"])
         cursor_state = state["cursors"][rank] if rank < len(state["cursors"]) else None
         skipped_before = dict(state.get("skipped", {}))
+        for section in ("model", "data", "lora"):
+            if state.get("config", {}).get(section) != cfg.to_dict()[section]:
+                log.warning("the `%s` section differs from the checkpoint's: the resumed run is not a continuation "
+                            "of the same experiment", section)
         if state.get("total_steps") != total_steps:
             log.warning("total steps changed from %s to %d since the checkpoint", state.get("total_steps"), total_steps)
         log.info("resumed from %s at step %d", ckpts[-1], step)
@@ -530,7 +534,8 @@ def _train(cfg: RunConfig, accelerator, *, resume: bool, stop_after: int | None,
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and is_main), desc="train", unit="step",
                dynamic_ncols=True)
     losses: list[float] = []
-    log_file = (out_dir / "train_log.jsonl").open("a") if is_main else None
+    # A resumed run appends to its log; a fresh one starts it anew.
+    log_file = (out_dir / "train_log.jsonl").open("a" if step > 0 else "w") if is_main else None
     t_start, samples_start = time.perf_counter(), samples
     params = [p for _, p in trainable_named_parameters(accelerator.unwrap_model(model))]
     try:
