@@ -574,7 +574,10 @@ class Perception:
             waited = time.monotonic() - item.t_enqueued
             if waited < self.config.pose_wait_sec and not self._tf_covers(item.frame_id, item.stamp):
                 return  # TF has not reached this stamp yet: wait rather than extrapolate within the tolerance
-            if item.kind == "depth" and waited < self.config.pose_wait_sec and self._depth_color(item) is None:
+            waiting_color = (
+                item.kind == "depth" and self.config.depth_requires_color and self._depth_color(item) is None
+            )
+            if waiting_color and waited < self.config.pose_wait_sec:
                 return  # its colour image may still be on the way
             try:
                 T = self._lookup(item.frame_id, item.stamp)
