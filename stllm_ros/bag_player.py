@@ -259,7 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         node = rclpy.create_node("stllm_bag_player")
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        spinner = threading.Thread(target=executor.spin, daemon=True)
+        def spin() -> None:
+            try:
+                executor.spin()
+            except (ExternalShutdownException, KeyboardInterrupt):  # Ctrl-C shuts the context down under the thread
+                stop.set()
+
+        spinner = threading.Thread(target=spin, daemon=True)
         spinner.start()
         try:
             player = BagPlayer(node, cfg, reader)
