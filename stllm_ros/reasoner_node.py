@@ -74,6 +74,9 @@ class ReasonerNode(LifecycleNode):
                 temperature=self.config.temperature,
                 top_p=self.config.top_p,
             )
+            if self.config.backend != "eager":  # compile/build engines now, not on the first question
+                self.get_logger().info(f"warming up the {self.config.backend} backend (compiling; may take minutes)")
+                pipeline.warmup()
         except Exception as e:  # a wrong path/file must leave the node up and say why
             self._not_ready = f"the model failed to load: {e}"
             self.get_logger().error(self._not_ready)

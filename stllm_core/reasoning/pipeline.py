@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 import unicodedata
@@ -33,6 +34,22 @@ from stllm_core.types import Clip
 logger = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
+EMBEDDED = ("stllm-smol",)  # models shipped in the repository's models/ folder (share/stllm_ros/models when installed)
+
+
+def resolve_embedded(name: str) -> Path:
+    """The directory of an embedded model: <repo>/models/<name>, or share/stllm_ros/models/<name> of an install."""
+    roots = [Path(__file__).resolve().parents[2]]
+    roots += [Path(p) / "share" / "stllm_ros" for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p]
+    for root in roots:
+        cand = root / "models" / name
+        if (cand / "config.json").exists():
+            return cand
+    raise ModelLoadError(
+        f"the embedded model {name!r} is not in this installation (looked for models/{name}/config.json under "
+        f"{', '.join(str(r) for r in roots)}); train it with scripts/train_smol.sh, pass a model directory, or use "
+        f"model:={TINY_RANDOM} (untrained, for plumbing only)"
+    )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_QUESTION_CHARS = 1000
 
@@ -135,7 +152,7 @@ class AnswerPipeline:
             net, processor = build_tiny(seed=seed)
             net = net.to(device=dev, dtype=DTYPES[dtype])
         else:
-            path = Path(model).expanduser()
+            path = resolve_embedded(model) if model in EMBEDDED else Path(model).expanduser()
             if not path.is_dir():
                 raise ModelLoadError(
                     f"model {model!r} is neither {TINY_RANDOM!r} nor an existing model directory (looked at {path})."
