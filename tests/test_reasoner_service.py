@@ -107,3 +107,20 @@ def test_a_wrong_model_path_leaves_the_node_up_and_says_why(ros, tmp_path):
         assert not res.success
         assert "failed to load" in res.error and str(missing) in res.error
         assert proc.returncode is None
+
+
+def test_invalid_utf8_is_decoded_safely_and_refused_with_a_reason(ros, tiny_node):
+    """Invalid UTF-8 bytes on the wire: the generated typesupport (the same C conversion the service server runs)
+    decodes them as U+FFFD; the reasoner drops those and says the question is empty — the node stays up."""
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    raw = bytearray(serialize_message(AskSTLLM.Request(question="ABCD")))
+    i = raw.index(b"ABCD")
+    raw[i : i + 4] = b"\xff\xfe\xc3\x28"  # not UTF-8
+    req = deserialize_message(bytes(raw), AskSTLLM.Request)
+    assert set(req.question) == {"\ufffd"} or "\ufffd" in req.question
+    res = ask(ros, tiny_node[1], req.question)
+    assert not res.success and "empty" in res.error
+    res = ask(ros, tiny_node[1], "where\ufffd is the mug" + req.question)
+    assert "no camera frames" in res.error  # cleaned and accepted; refused only for lack of frames
+    assert tiny_node[0].returncode is None
