@@ -116,9 +116,9 @@ def test_invalid_utf8_is_decoded_safely_and_refused_with_a_reason(ros, tiny_node
 
     raw = bytearray(serialize_message(AskSTLLM.Request(question="ABCD")))
     i = raw.index(b"ABCD")
-    raw[i : i + 4] = b"\xff\xfe\xc3\x28"  # not UTF-8
+    raw[i : i + 4] = b"\xff\xfe\xfd\xc3"  # not UTF-8
     req = deserialize_message(bytes(raw), AskSTLLM.Request)
-    assert set(req.question) == {"\ufffd"} or "\ufffd" in req.question
+    assert set(req.question) == {"\ufffd"}
     res = ask(ros, tiny_node[1], req.question)
     assert not res.success and "empty" in res.error
     res = ask(ros, tiny_node[1], "where\ufffd is the mug" + req.question)
