@@ -40,14 +40,15 @@ import shutil
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stllm_core.config import check, check_choice
-from stllm_core.errors import DataError
+from stllm_core.errors import DataError, STLLMError
+from stllm_core.memory.transforms import TransformBuffer
 from stllm_core.types import Clip, Frame, Scene
 
 logger = logging.getLogger(__name__)
@@ -722,37 +723,6 @@ def cloud_from_msg(msg) -> tuple[np.ndarray, np.ndarray]:
     return xyz, rgb
 
 
-@dataclass
-class _Edge:
-    parent: str
-    static: np.ndarray | None = None
-    stamps: list[int] = field(default_factory=list)
-    poses: list[np.ndarray] = field(default_factory=list)
-
-
-def _interpolate(edge: _Edge, stamp_ns: int, tolerance_ns: int, child: str) -> np.ndarray:
-    from scipy.spatial.transform import Rotation, Slerp
-
-    stamps = edge.stamps
-    j = int(np.searchsorted(stamps, stamp_ns))
-    if j < len(stamps) and stamps[j] == stamp_ns:
-        return edge.poses[j]
-    if j == 0 or j == len(stamps):
-        near = stamps[0] if j == 0 else stamps[-1]
-        if abs(near - stamp_ns) <= tolerance_ns:
-            return edge.poses[0 if j == 0 else -1]
-        raise DataError(f"No transform {edge.parent} -> {child} at {stamp_ns} ns: /tf covers "
-                        f"[{stamps[0]}, {stamps[-1]}] ns (extrapolation refused).")
-    t0, t1 = stamps[j - 1], stamps[j]
-    a = (stamp_ns - t0) / (t1 - t0)
-    P0, P1 = edge.poses[j - 1], edge.poses[j]
-    slerp = Slerp([0.0, 1.0], Rotation.from_matrix(np.stack([P0[:3, :3], P1[:3, :3]])))
-    T = np.eye(4)
-    T[:3, :3] = slerp([a]).as_matrix()[0]
-    T[:3, 3] = (1 - a) * P0[:3, 3] + a * P1[:3, 3]
-    return T
-
-
 def read_bag_clip(
     path: str | Path,
     image_topic: str = "/camera/color/image_raw",
@@ -772,35 +742,22 @@ def read_bag_clip(
     topics = [t.name for t in reader.info.topics]
     if image_topic not in topics:
         raise DataError(f"Bag {path} has no image topic {image_topic}; topics: {topics}.")
-    edges: dict[str, _Edge] = {}  # child -> edge to its parent
+    tf = TransformBuffer(cache_sec=max(10.0, reader.info.duration_sec + 10.0))  # the whole bag stays in the buffer
     infos: list[tuple[int, np.ndarray]] = []
     depths: dict[int, np.ndarray] = {}
     images: list[tuple[int, str, np.ndarray]] = []
-    scene = Scene.empty(world_frame)
+    clouds: list[tuple[int, str, np.ndarray, np.ndarray]] = []
     wanted = {image_topic, camera_info_topic, "/tf", "/tf_static"} | {t for t in (depth_topic, points_topic) if t}
     for m, msg in reader.decoded(wanted & set(topics)):
         if m.topic in ("/tf", "/tf_static"):
             for tr in msg.transforms:
                 t, q = tr.transform.translation, tr.transform.rotation
-                T = _matrix((t.x, t.y, t.z), (q.x, q.y, q.z, q.w))
-                e = edges.setdefault(tr.child_frame_id, _Edge(tr.header.frame_id))
-                if e.parent != tr.header.frame_id:
-                    raise DataError(f"Bag {path}: frame {tr.child_frame_id} has two parents, {e.parent} and "
-                                    f"{tr.header.frame_id}.")
-                if m.topic == "/tf_static":
-                    e.static = T
-                else:
-                    s = _stamp_ns(tr.header)
-                    if e.stamps and s <= e.stamps[-1]:
-                        k = int(np.searchsorted(e.stamps, s))
-                        if k < len(e.stamps) and e.stamps[k] == s:
-                            e.poses[k] = T
-                        else:
-                            e.stamps.insert(k, s)
-                            e.poses.insert(k, T)
-                    else:
-                        e.stamps.append(s)
-                        e.poses.append(T)
+                try:
+                    tf.set_transform(tr.header.frame_id, tr.child_frame_id, _stamp_ns(tr.header) * 1e-9,
+                                     (t.x, t.y, t.z), (q.x, q.y, q.z, q.w), static=m.topic == "/tf_static")
+                except STLLMError as e:
+                    where = f"{tr.header.frame_id} -> {tr.child_frame_id}"
+                    raise DataError(f"Bag {path}: bad transform {where}: {e}") from e
         elif m.topic == camera_info_topic:
             infos.append((_stamp_ns(msg.header), np.asarray(msg.k, np.float64).reshape(3, 3)))
         elif m.topic == image_topic:
@@ -808,43 +765,34 @@ def read_bag_clip(
         elif depth_topic and m.topic == depth_topic:
             depths[_stamp_ns(msg.header)] = depth_from_msg(msg)
         elif points_topic and m.topic == points_topic:
-            xyz, rgb = cloud_from_msg(msg)
-            if msg.header.frame_id != world_frame:
-                T = _lookup(edges, world_frame, msg.header.frame_id, _stamp_ns(msg.header), 0)
-                xyz = (xyz @ T[:3, :3].T.astype(np.float32) + T[:3, 3].astype(np.float32)).astype(np.float32)
-            scene = Scene(points=xyz, colors=rgb, frame_id=world_frame, stamp=_stamp_ns(msg.header) * 1e-9)
+            clouds.append((_stamp_ns(msg.header), msg.header.frame_id, *cloud_from_msg(msg)))
+
+    def lookup(frame_id: str, stamp_ns: int, tol_sec: float) -> np.ndarray:
+        try:
+            return tf.lookup(world_frame, frame_id, stamp_ns * 1e-9, tolerance=tol_sec)
+        except LookupError as e:
+            raise DataError(f"Bag {path}: no pose {world_frame} <- {frame_id} at {stamp_ns} ns: {e}") from e
+
+    scene = Scene.empty(world_frame)
+    if clouds:  # the last cloud is the scene, moved into world_frame
+        stamp, frame_id, xyz, rgb = clouds[-1]
+        if frame_id != world_frame:
+            T = lookup(frame_id, stamp, tf_tolerance_sec)
+            xyz = (xyz @ T[:3, :3].T.astype(np.float32) + T[:3, 3].astype(np.float32)).astype(np.float32)
+        scene = Scene(points=xyz, colors=rgb, frame_id=world_frame, stamp=stamp * 1e-9)
     if not images:
         raise DataError(f"Bag {path} has no messages on {image_topic}.")
     if not infos:
         raise DataError(f"Bag {path} has no camera_info on {camera_info_topic}.")
     infos.sort(key=lambda x: x[0])
     info_stamps = [s for s, _ in infos]
-    tol = int(tf_tolerance_sec * 1e9)
     frames = []
     for stamp, frame_id, img in sorted(images, key=lambda x: x[0]):
         j = int(np.searchsorted(info_stamps, stamp, side="right")) - 1
         K = infos[max(j, 0)][1]
-        T = _lookup(edges, world_frame, frame_id, stamp, tol)
+        T = lookup(frame_id, stamp, tf_tolerance_sec)
         frames.append(Frame(stamp=stamp * 1e-9, image=img, K=K.copy(), T_world_cam=T, depth=depths.get(stamp)))
     if reader.skipped:
         logger.warning("Bag %s: skipped %s.", path, dict(reader.skipped))
     return Clip(frames=tuple(frames), scene=scene)
-
-
-def _lookup(edges: dict[str, _Edge], target: str, source: str, stamp_ns: int, tol_ns: int) -> np.ndarray:
-    """T_target_source at stamp_ns by walking from `source` up to `target` (target must be an ancestor)."""
-    T = np.eye(4)
-    frame, chain = source, [source]
-    while frame != target:
-        e = edges.get(frame)
-        if e is None:
-            raise DataError(f"No transform from {target} to {source}: the TF chain {' <- '.join(chain)} stops at "
-                            f"{frame}, which has no parent on /tf or /tf_static.")
-        step = e.static if e.static is not None and not e.stamps else _interpolate(e, stamp_ns, tol_ns, frame)
-        T = step @ T
-        frame = e.parent
-        chain.append(frame)
-        if len(chain) > 64:
-            raise DataError(f"TF loop while looking up {target} <- {source}: {chain[:8]} ...")
-    return T
 
