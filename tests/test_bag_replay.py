@@ -68,7 +68,7 @@ def play(bag: Path, *args: str, timeout: float = 90.0) -> str:
 def test_replay_delivers_every_message_in_order_at_rate(tmp_path):
     fps, rate = 20.0, 2.0
     bag = tmp_path / "clip_bag"
-    write_bag(bag, make_frames(41, fps=fps), make_scene(300), BagWriterConfig())  # 2.0 s of bag time
+    write_bag(bag, make_frames(81, fps=fps), make_scene(300), BagWriterConfig())  # 4.0 s of bag time
     expected = defaultdict(list)
     for m in BagReader(bag).messages():
         expected[m.topic].append(m)
@@ -80,7 +80,7 @@ def test_replay_delivers_every_message_in_order_at_rate(tmp_path):
         # the player waited for acknowledgements before exiting; allow the last callbacks to run
         wait_until(lambda: all(rec.count(t) >= len(ms) for t, ms in expected.items()), 30, what="every message")
 
-    assert "Played 166 message(s) on 6 topic(s)" in out, out[-2000:]
+    assert "Played 326 message(s) on 6 topic(s)" in out, out[-2000:]
     for topic, msgs in expected.items():
         got = rec.got[topic]
         assert len(got) == len(msgs), topic
@@ -88,11 +88,11 @@ def test_replay_delivers_every_message_in_order_at_rate(tmp_path):
             assert same_cdr(d, m.data), f"{topic} message {i}: payload differs (or arrived out of order)"
 
     # rate over the whole replay of the image topic: Theil-Sen slope of receive time against bag time (the median of
-    # the slopes between message pairs >= 0.5 s of bag time apart), so one message delayed by load does not tilt it
+    # the slopes between message pairs >= 1.5 s of bag time apart), so one message delayed by load does not tilt it
     stamps = np.array([m.stamp_ns for m in expected["/camera/color/image_raw"]]) * 1e-9
     recv = np.array([t for t, _ in rec.got["/camera/color/image_raw"]])
     i, j = np.triu_indices(len(stamps), k=1)
-    far = stamps[j] - stamps[i] >= 0.5
+    far = stamps[j] - stamps[i] >= 1.5
     slope = float(np.median((recv[j] - recv[i])[far] / (stamps[j] - stamps[i])[far]))
     measured_rate = 1.0 / slope
     print(f"replay rate: requested {rate}, measured {measured_rate:.3f} over {recv[-1] - recv[0]:.2f} s wall")
