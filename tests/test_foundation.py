@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,3 +68,29 @@ def test_readme_documents_every_parameter_of_the_reasoner():
     names = [line.split("`")[1] for line in markdown_table().splitlines()[2:]]
     missing = [n for n in names if f"`{n}`" not in readme]
     assert not missing, f"README.md lacks these parameters (run python -m stllm_ros.params): {missing}"
+
+
+def test_launch_file_describes_the_same_nodes_as_stllm_run():
+    pytest.importorskip("launch", reason="the ROS 2 `launch` packages are not on PyPI; this runs on a ROS 2 distro")
+    pytest.importorskip("launch_ros", reason="launch_ros is not on PyPI; this runs on a ROS 2 distro")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reasoning_launch", ROOT / "launch" / "reasoning.launch.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ld = mod.generate_launch_description()
+    names = {a.name for a in ld.entities if hasattr(a, "name") and hasattr(a, "default_value")}
+    assert {"model", "image_topic", "params_file", "bag"} <= names
+
+
+def test_stllm_run_and_launch_share_one_node_list():
+    import ast
+
+    from stllm_ros.stack import LAUNCH_ARGUMENTS, NODES
+
+    source = (ROOT / "launch" / "reasoning.launch.py").read_text()
+    ast.parse(source)  # valid Python even where `launch` is missing
+    assert "from stllm_ros.stack import LAUNCH_ARGUMENTS, NODES" in source
+    assert [n.executable for n in NODES] == ["stllm-reasoner"]
+    params = [param for param, _help in LAUNCH_ARGUMENTS.values()]
+    assert all(p.startswith(("perception.", "model", "backend", "device")) for p in params)
