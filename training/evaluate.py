@@ -217,7 +217,8 @@ def plot_per_task(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_xticklabels([t.replace("_", "\n") for t in labels], fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"{Path(str(results.get('model', ''))).name or results.get('model')} on "
+    model_label = "/".join(Path(str(results.get("model", ""))).parts[-2:]) or str(results.get("model"))
+    ax.set_title(f"{model_label} on "
                  f"{Path(str(results.get('data', ''))).name} ({results.get('num_answered', 0)} questions, "
                  f"ablation: {results.get('ablation', 'none')})", fontsize=9)
     ax.legend(fontsize=8)
