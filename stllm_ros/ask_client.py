@@ -17,6 +17,8 @@ from rclpy.executors import SingleThreadedExecutor
 
 from stllm_ros.srv import AskSTLLM
 
+SETTLE_SEC = 1.0
+
 
 def _stamp(t) -> float:
     return t.sec + t.nanosec * 1e-9
@@ -64,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         if not client.wait_for_service(timeout_sec=args.timeout):
             print(f"error: service {args.service} is not available (is the reasoner running?)", file=sys.stderr)
             return 2
+        # The graph lists a service before the server's request reader has matched this new client's writer; a
+        # request sent in that gap is lost. Let discovery settle (measured: needed under load with 16 clients).
+        time.sleep(SETTLE_SEC)
         req = AskSTLLM.Request(question=args.question, window_sec=args.window, max_new_tokens=args.max_new_tokens)
         future = client.call_async(req)
         executor.spin_until_future_complete(future, timeout_sec=max(1.0, deadline - time.monotonic()))

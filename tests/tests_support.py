@@ -130,6 +130,7 @@ class RosTestNode:
     def wait_for_service(self, client, timeout: float = 60.0) -> None:
         if not client.wait_for_service(timeout_sec=timeout):
             raise TimeoutError(f"service {client.srv_name} not available after {timeout:.0f} s")
+        time.sleep(1.0)  # the server's request reader may not have matched this client yet (a request would be lost)
 
     def call(self, client, request, timeout: float = 60.0):
         """Call a service and wait for the reply; retries the send once if the reply never comes (discovery races)."""
