@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--question", default="Where did I put the mug?")
     args = p.parse_args(argv)
 
-    node_cmd = ["stllm_ros.reasoner_node", "--ros-args", "-p", f"model:={args.model}", "-p", "use_sim_time:=true"]
+    node_cmd = ["stllm_ros.reasoner_node", "--ros-args", "-p", f"model:={args.model}", "-p", "use_sim_time:=true",
+                "-p", "perception.depth_topic:=/camera/depth/image_raw", "-p", "perception.points_topic:=/scene/points"]
     with NodeProcess.python(*node_cmd) as reasoner, RosTestNode("soak_client") as ros:
         reasoner.wait_for_output("stllm reasoner up", timeout=600)
         with NodeProcess.python("stllm_ros.bag_player", args.bag, "--loop", "--clock", "--rate", str(args.rate)):
