@@ -69,7 +69,7 @@ def summarize(eval_dir: Path, write: Path | None) -> dict:
         acc = res["accuracy"]
         table[variant] = {k: v["accuracy"] for k, v in acc.items() if isinstance(v, dict)}
         table[variant]["mean_per_type"] = acc["mean_per_type"]
-        counts = {k: v.get("total", v.get("n", 0)) for k, v in acc.items() if isinstance(v, dict)}
+        counts = {k: v["correct"] + v["wrong"] + v["invalid"] for k, v in acc.items() if isinstance(v, dict)}
     if not table:
         raise SystemExit(f"no stllm-eval results ({', '.join(v + '.json' for v in VARIANTS)}) in {eval_dir}")
     types = [k for k in next(iter(table.values())) if k not in ("overall", "mean_per_type")]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce models/stllm-smol (the embedded default model) from seed 0, end to end:
 #   1. REA-Sim data (100 kitchens x 3 episodes, 12 frames of 128x96 px; val = 15 kitchens never seen in training)
-#   2. stllm-train with training/configs/stllm-smol.yaml (resumable: rerun this script after an interruption)
+#   2. stllm-train with training/configs/stllm-smol.yaml, 800 + 800 steps (resumable: rerun after an interruption)
 #   3. export the trained, non-LLM weights + config + tokenizer into models/stllm-smol/
 #   4. stllm-eval on a held-out subset (every EVAL_EVERY-th val record, all val kitchens): the model, --blind,
 #      --no-video, --no-points; results JSON per run and the per-type table in models/stllm-smol/eval.json
@@ -29,8 +29,14 @@ if [ ! -f "$DATA/val.json" ]; then
 fi
 
 echo "== 2/4 training -> $RUN"
-python -m training.train --config training/configs/stllm-smol.yaml --train-data "$DATA/train.json" \
-    --val-data "$DATA/val.json" --out "$RUN" --resume
+# Two sessions, as the shipped weights were made: an 800-step cosine schedule, then the same run resumed with the
+# schedule extended to 1600 steps (the learning rate restarts at the 1600-step cosine's value at step 800, 2.8e-4).
+# Both are resumable: rerun the script after an interruption.
+train() { python -m training.train --config training/configs/stllm-smol.yaml --train-data "$DATA/train.json" \
+              --val-data "$DATA/val.json" --out "$RUN" --resume "$@"; }
+last_step() { local d; d=$(ls "$RUN/checkpoints" 2>/dev/null | sort | tail -1); d=${d#step_}; echo $((10#${d:-0})); }
+[ "$(last_step)" -ge 800 ] || train --max-steps 800
+[ "$(last_step)" -ge 1600 ] && [ -f "$RUN/model/model.safetensors" ] || train --max-steps 1600
 
 echo "== 3/4 export -> $OUT"
 mkdir -p "$OUT"
