@@ -47,7 +47,14 @@ from typing import Any
 import numpy as np
 
 from stllm_core.config import check, check_choice
-from stllm_core.errors import DataError, STLLMError
+from stllm_core.data.sensor_arrays import (  # noqa: F401  (pack_rgb/unpack_rgb re-exported)
+    image_to_depth,
+    image_to_rgb,
+    pack_rgb,
+    pointcloud2_to_xyz_rgb,
+    unpack_rgb,
+)
+from stllm_core.errors import DataError, InputError, STLLMError
 from stllm_core.memory.transforms import TransformBuffer
 from stllm_core.types import Clip, Frame, Scene
 
@@ -65,7 +72,6 @@ T_LINK_OPTICAL = np.eye(4)
 T_LINK_OPTICAL[:3, :3] = R_LINK_OPTICAL
 Q_LINK_OPTICAL_XYZW = (-0.5, 0.5, -0.5, 0.5)
 
-_POINTFIELD_DTYPES = {1: "i1", 2: "u1", 3: "<i2", 4: "<u2", 5: "<i4", 6: "<u4", 7: "<f4", 8: "<f8"}
 
 
 @dataclass
@@ -381,18 +387,6 @@ def _matrix(t, q_xyzw) -> np.ndarray:
     return T
 
 
-def pack_rgb(rgb: np.ndarray) -> np.ndarray:
-    """(N, 3) uint8 RGB -> (N,) float32 holding 0x00RRGGBB bit-for-bit (the PCL/RViz `rgb` field)."""
-    rgb = np.asarray(rgb, dtype=np.uint32)
-    return ((rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]).astype(np.uint32).view(np.float32)
-
-
-def unpack_rgb(packed: np.ndarray) -> np.ndarray:
-    """Inverse of `pack_rgb`: (N,) float32 (or uint32) -> (N, 3) uint8 RGB."""
-    u = np.ascontiguousarray(packed).view(np.uint32)
-    return np.stack([(u >> 16) & 255, (u >> 8) & 255, u & 255], axis=1).astype(np.uint8)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Writing
 
@@ -654,75 +648,6 @@ def _stamp_ns(header) -> int:
     return int(header.stamp.sec) * 10**9 + int(header.stamp.nanosec)
 
 
-def image_from_msg(msg) -> np.ndarray:
-    """sensor_msgs/Image (rosbags object) -> (H, W, 3) uint8 RGB; rgb8, bgr8, rgba8, bgra8, mono8."""
-    ch = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}.get(msg.encoding)
-    if ch is None:
-        raise DataError(f"Image encoding {msg.encoding!r} is not a supported colour encoding "
-                        f"(rgb8, bgr8, rgba8, bgra8, mono8).")
-    a = _pixels(msg, np.uint8, ch)
-    if msg.encoding == "mono8":
-        return np.repeat(a, 3, axis=2)
-    if msg.encoding.startswith("bgr"):
-        a = a[:, :, 2::-1]
-    return np.ascontiguousarray(a[:, :, :3])
-
-
-def depth_from_msg(msg) -> np.ndarray:
-    """sensor_msgs/Image 32FC1 (metres) or 16UC1 (millimetres) -> (H, W) float32 metres, NaN where invalid."""
-    if msg.encoding == "32FC1":
-        return _pixels(msg, np.dtype(">f4" if msg.is_bigendian else "<f4"), 1)[:, :, 0].astype(np.float32)
-    if msg.encoding == "16UC1":
-        mm = _pixels(msg, np.dtype(">u2" if msg.is_bigendian else "<u2"), 1)[:, :, 0]
-        return np.where(mm > 0, mm.astype(np.float32) / np.float32(1000.0), np.float32(np.nan))
-    raise DataError(f"Depth encoding {msg.encoding!r} is not supported (32FC1 metres, 16UC1 millimetres).")
-
-
-def _pixels(msg, dtype, ch: int) -> np.ndarray:
-    dtype = np.dtype(dtype)
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    data = np.asarray(msg.data, dtype=np.uint8)
-    row = w * ch * dtype.itemsize
-    if step < row or data.size < step * h:
-        raise DataError(f"Image {w}x{h} {msg.encoding}: step {step} / data {data.size} bytes too small "
-                        f"(need step >= {row}, data >= {step * h}).")
-    rows = data[: step * h].reshape(h, step)[:, :row]
-    return np.ascontiguousarray(rows).view(dtype).reshape(h, w, ch)
-
-
-def cloud_from_msg(msg) -> tuple[np.ndarray, np.ndarray]:
-    """sensor_msgs/PointCloud2 -> (xyz float32 (N, 3), rgb uint8 (N, 3)); rgb is grey 255 without an rgb/rgba field."""
-    fields = {f.name: f for f in msg.fields}
-    if not all(k in fields for k in "xyz"):
-        raise DataError(f"PointCloud2 has fields {sorted(fields)}; expected x, y, z.")
-    n = int(msg.width) * int(msg.height)
-    step = int(msg.point_step)
-    data = np.asarray(msg.data, dtype=np.uint8)
-    if data.size < n * step:
-        raise DataError(f"PointCloud2 of {n} points x {step} bytes has only {data.size} data bytes.")
-    names, formats, offsets = [], [], []
-    for name in ("x", "y", "z", "rgb" if "rgb" in fields else "rgba" if "rgba" in fields else None):
-        if name is None:
-            continue
-        f = fields[name]
-        dt = _POINTFIELD_DTYPES.get(int(f.datatype))
-        if dt is None:
-            raise DataError(f"PointCloud2 field {name!r} has unknown datatype {f.datatype}.")
-        if msg.is_bigendian:
-            dt = dt.replace("<", ">")
-        names.append(name)
-        formats.append(dt)
-        offsets.append(int(f.offset))
-    arr = np.frombuffer(data[: n * step].tobytes(), dtype=np.dtype(
-        {"names": names, "formats": formats, "offsets": offsets, "itemsize": step}))
-    xyz = np.stack([arr["x"], arr["y"], arr["z"]], axis=1).astype(np.float32)
-    if len(names) == 4:
-        rgb = unpack_rgb(np.ascontiguousarray(arr[names[3]]).astype(arr[names[3]].dtype.newbyteorder("=")))
-    else:
-        rgb = np.full((n, 3), 255, np.uint8)
-    return xyz, rgb
-
-
 def read_bag_clip(
     path: str | Path,
     image_topic: str = "/camera/color/image_raw",
@@ -748,6 +673,12 @@ def read_bag_clip(
     images: list[tuple[int, str, np.ndarray]] = []
     clouds: list[tuple[int, str, np.ndarray, np.ndarray]] = []
     wanted = {image_topic, camera_info_topic, "/tf", "/tf_static"} | {t for t in (depth_topic, points_topic) if t}
+    def decode(m: BagMessage, fn, msg):
+        try:
+            return fn(msg)
+        except InputError as e:
+            raise DataError(f"Bag {path}: {m.topic} at {m.stamp_ns} ns: {e}") from e
+
     for m, msg in reader.decoded(wanted & set(topics)):
         if m.topic in ("/tf", "/tf_static"):
             for tr in msg.transforms:
@@ -761,11 +692,13 @@ def read_bag_clip(
         elif m.topic == camera_info_topic:
             infos.append((_stamp_ns(msg.header), np.asarray(msg.k, np.float64).reshape(3, 3)))
         elif m.topic == image_topic:
-            images.append((_stamp_ns(msg.header), msg.header.frame_id, image_from_msg(msg)))
+            images.append((_stamp_ns(msg.header), msg.header.frame_id, decode(m, image_to_rgb, msg)))
         elif depth_topic and m.topic == depth_topic:
-            depths[_stamp_ns(msg.header)] = depth_from_msg(msg)
+            depths[_stamp_ns(msg.header)] = decode(m, image_to_depth, msg)
         elif points_topic and m.topic == points_topic:
-            clouds.append((_stamp_ns(msg.header), msg.header.frame_id, *cloud_from_msg(msg)))
+            xyz, rgb = decode(m, pointcloud2_to_xyz_rgb, msg)
+            rgb = np.full((len(xyz), 3), 255, np.uint8) if rgb is None else rgb
+            clouds.append((_stamp_ns(msg.header), msg.header.frame_id, xyz, rgb))
 
     def lookup(frame_id: str, stamp_ns: int, tol_sec: float) -> np.ndarray:
         try:
