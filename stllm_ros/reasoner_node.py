@@ -71,6 +71,7 @@ class ReasonerNode(LifecycleNode):
                 dtype=self.config.dtype,
                 backend=self.config.backend,
                 seed=self.config.seed,
+                max_new_tokens=self.config.max_new_tokens,
                 temperature=self.config.temperature,
                 top_p=self.config.top_p,
             )

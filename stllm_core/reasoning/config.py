@@ -5,11 +5,11 @@ config/reasoner.yaml, the launch file and stllm-run share one list."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from stllm_core.config import check, check_choice
+from stllm_core.engine import MAX_NEW_TOKENS_LIMIT, EngineConfig
 
-BACKENDS = ("eager", "compiled", "tensorrt")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -21,7 +21,8 @@ HELP = {
     "dtype": "float32 | bfloat16 | float16 (float32 on CPU is the safe choice)",
     "num_frames": "frames given to the model per question; 0 = the model's configured number",
     "window_sec": "default seconds of recent video a question looks at (a request's window_sec overrides it)",
-    "max_new_tokens": "default answer length cap in tokens (a request's max_new_tokens overrides it, up to 512)",
+    "max_new_tokens": f"default answer length cap in tokens (a request's max_new_tokens overrides it, up to "
+    f"{MAX_NEW_TOKENS_LIMIT})",
     "temperature": "0 = greedy decoding; > 0 samples",
     "top_p": "nucleus sampling mass when temperature > 0",
     "seed": "random seed for sampling and for the tiny-random model",
@@ -59,14 +60,11 @@ class ReasonerConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.model.strip()), "model", self.model, "a model name or directory")
-        check_choice("backend", self.backend, BACKENDS)
+        self.engine_config()  # backend, max_new_tokens, temperature, top_p, seed: the engine's own checks
         check_choice("device", self.device, DEVICES)
         check_choice("dtype", self.dtype, DTYPES)
         check(self.num_frames >= 0, "num_frames", self.num_frames, ">= 0 (0 = the model's)")
         check(0 < self.window_sec <= 3600, "window_sec", self.window_sec, "0 < window_sec <= 3600 seconds")
-        check(1 <= self.max_new_tokens <= 512, "max_new_tokens", self.max_new_tokens, "1..512")
-        check(self.temperature >= 0, "temperature", self.temperature, ">= 0")
-        check(0 < self.top_p <= 1, "top_p", self.top_p, "0 < top_p <= 1")
         check(0 <= self.queue_size <= 1000, "queue_size", self.queue_size, "0..1000")
         check(self.timeout_sec > 0, "timeout_sec", self.timeout_sec, "> 0 seconds")
         check(1 <= self.max_question_chars <= 100_000, "max_question_chars", self.max_question_chars, "1..100000")
@@ -76,5 +74,11 @@ class ReasonerConfig:
             check(value.startswith("/") and " " not in value, name, value, "an absolute ROS name such as '/stllm/ask'")
 
 
-def field_names() -> list[str]:
-    return [f.name for f in fields(ReasonerConfig)]
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            backend=self.backend,
+        )

@@ -13,6 +13,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from stllm_core.engine import MAX_NEW_TOKENS_LIMIT
 from stllm_core.errors import InputError, STLLMError
 from stllm_core.reasoning.config import ReasonerConfig
 from stllm_core.reasoning.worker import AnswerWorker, Busy, Timeout
@@ -93,9 +94,10 @@ class Reasoner:
                 raise InputError(
                     f"window_sec must be between 0 (= default {cfg.window_sec} s) and 3600, got {window_sec}"
                 )
-            if max_new_tokens > 512:
+            if max_new_tokens > MAX_NEW_TOKENS_LIMIT:
                 raise InputError(
-                    f"max_new_tokens must be at most 512 (0 = default {cfg.max_new_tokens}), got {max_new_tokens}"
+                    f"max_new_tokens must be at most {MAX_NEW_TOKENS_LIMIT} (0 = default {cfg.max_new_tokens}), "
+                    f"got {max_new_tokens}"
                 )
             window = window_sec or cfg.window_sec
             max_tokens = max_new_tokens or cfg.max_new_tokens
