@@ -60,17 +60,17 @@ except ImportError:  # pragma: no cover - depends on the install
 class PerceptionConfig:
     """Topics, frames and bounds of Perception. Empty topic = that input is disabled. Times in seconds."""
 
-    image_topic: str = "/camera/color/image_raw"
-    camera_info_topic: str = "/camera/color/camera_info"
+    image_topic: str = "/camera/color/image_raw"  # RGB image (rgb8, bgr8, rgba8, bgra8, mono8)
+    camera_info_topic: str = "/camera/color/camera_info"  # CameraInfo of the image (K)
     depth_topic: str = ""  # depth image (16UC1 mm or 32FC1 m), best aligned to the colour image
     depth_info_topic: str = ""  # CameraInfo of an unaligned depth image ("" = the colour CameraInfo); unaligned depth
     # has no colour image of its size and frame: set depth_requires_color false to integrate it in map.default_color
     points_topic: str = ""  # PointCloud2 from another mapper (nvblox, RTAB-Map), any frame with TF to world
-    tf_topic: str = "/tf"
-    tf_static_topic: str = "/tf_static"
+    tf_topic: str = "/tf"  # tf2_msgs/TFMessage, dynamic transforms
+    tf_static_topic: str = "/tf_static"  # tf2_msgs/TFMessage, static transforms (transient local)
     map_topic: str = "/stllm/map"  # "" disables publishing
     diagnostics_topic: str = "/diagnostics"  # "" disables
-    world_frame: str = "map"
+    world_frame: str = "map"  # fixed frame of the poses and the map (REP-105)
     camera_frame: str = ""  # "" = the image header's frame_id (the optical frame, REP-103)
     sensor_qos: str = "sensor_data"  # "sensor_data" (best effort) | "reliable"
     queue_size: int = 8  # converted messages waiting for the worker; drop-oldest beyond
@@ -82,11 +82,11 @@ class PerceptionConfig:
     color_match_sec: float = 0.02  # a colour image this close in time to a depth image colours it
     depth_requires_color: bool = True  # drop depth that has no colour image (else integrate it in default_color)
     attach_depth: bool = True  # keep a depth image with the keyframe of the same stamp ("coverage" selection)
-    tf_cache_sec: float = 10.0
+    tf_cache_sec: float = 10.0  # seconds of TF history kept
     time_jump_reset_sec: float = 3.0  # a stamp this much older than the last one = clock reset (bag loop): clear
     publish_map_period: float = 2.0  # 0 disables periodic map publishing
     diagnostics_period: float = 1.0  # 0 disables diagnostics
-    log_throttle_sec: float = 30.0
+    log_throttle_sec: float = 30.0  # one warning per cause per this many seconds
     map_path: str = ""  # load the map from here at start (if present) and save it on close
     buffer: FrameBufferConfig = field(default_factory=FrameBufferConfig)
     map: SceneMapConfig = field(default_factory=SceneMapConfig)
