@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import math
 import sys
-import threading
 
 import rclpy
 from builtin_interfaces.msg import Time
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from std_msgs.msg import String
@@ -49,8 +48,6 @@ class ReasonerNode(LifecycleNode):
         self.perception: Perception | None = None
         self._not_ready = "the reasoner is not configured yet (no model is loaded)"
         self._active = False
-        self._lock = threading.Lock()
-        self.sensor_group = MutuallyExclusiveCallbackGroup()
         self.service = self.create_service(
             AskSTLLM, self.config.service_name, self._on_ask, callback_group=ReentrantCallbackGroup()
         )

@@ -124,3 +124,25 @@ def test_invalid_utf8_is_decoded_safely_and_refused_with_a_reason(ros, tiny_node
     res = ask(ros, tiny_node[1], "where\ufffd is the mug" + req.question)
     assert "no camera frames" in res.error  # cleaned and accepted; refused only for lack of frames
     assert tiny_node[0].returncode is None
+
+
+def test_lifecycle_configure_loads_and_activate_serves(ros):
+    """autostart off: the service answers with the state; configure + activate over lifecycle_msgs (as a lifecycle
+    manager or `ros2 lifecycle set` would) make it serve."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    with reasoner("autostart:=false", "model:=tiny-random", "service_name:=/t/ask_lc") as proc:
+        proc.wait_for_output("stllm reasoner up", timeout=180)
+        client = ros.node.create_client(AskSTLLM, "/t/ask_lc")
+        ros.wait_for_service(client)
+        res = ask(ros, client, "Where is the mug?")
+        assert not res.success and "not configured" in res.error
+        change = ros.node.create_client(ChangeState, "/t/reasoner/change_state")
+        ros.wait_for_service(change)
+        for tid, after in ((Transition.TRANSITION_CONFIGURE, "not active"), (Transition.TRANSITION_ACTIVATE, None)):
+            assert ros.call(change, ChangeState.Request(transition=Transition(id=tid)), timeout=180).success
+            res = ask(ros, client, "Where is the mug?")
+            if after:
+                assert not res.success and after in res.error, res.error
+        assert not res.success and "no camera frames" in res.error  # active: answering, only no frames yet
