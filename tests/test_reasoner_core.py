@@ -1,0 +1,99 @@
+"""Reasoner and AnswerWorker without ROS: the queue bound, the per-question deadline, cancellation, bad input."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from stllm_core.errors import ConfigError
+from stllm_core.model.tiny import random_clip
+from stllm_core.reasoning.config import ReasonerConfig
+from stllm_core.reasoning.pipeline import AnswerPipeline
+from stllm_core.reasoning.reasoner import Reasoner, clean_question
+from stllm_core.reasoning.worker import AnswerWorker, Busy, Timeout
+from stllm_core.types import Clip
+
+
+def test_worker_refuses_beyond_the_queue_bound_and_survives_errors():
+    worker = AnswerWorker(queue_size=1)
+    gate = threading.Event()
+    running = worker.submit(lambda cancel: gate.wait(10) and "first", timeout=30)
+    time.sleep(0.2)  # the first job is running now
+    waiting = worker.submit(lambda cancel: "second", timeout=30)
+    with pytest.raises(Busy, match="busy"):
+        worker.submit(lambda cancel: "third", timeout=30)
+    gate.set()
+    assert running.result(10) == "first" and waiting.result(10) == "second"
+    failing = worker.submit(lambda cancel: 1 / 0, timeout=30)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(10)
+    assert worker.submit(lambda cancel: "alive", timeout=30).result(10) == "alive"
+    worker.close()
+
+
+def test_worker_cancels_a_job_at_its_deadline():
+    worker = AnswerWorker(queue_size=2)
+    seen = []
+
+    def slow(cancel: threading.Event):
+        seen.append(cancel.wait(30))  # returns True as soon as the deadline sets it
+        return "late"
+
+    fut = worker.submit(slow, timeout=0.3)
+    with pytest.raises(Timeout, match="while answering"):
+        fut.result(30)
+    assert seen == [True]
+    worker.close()
+
+
+def test_worker_fails_a_job_whose_deadline_passed_in_the_queue():
+    worker = AnswerWorker(queue_size=2)
+    gate = threading.Event()
+    worker.submit(lambda cancel: gate.wait(10), timeout=30)
+    time.sleep(0.1)
+    queued = worker.submit(lambda cancel: "never", timeout=0.2)
+    time.sleep(0.5)
+    gate.set()
+    with pytest.raises(Timeout, match="waiting in the queue"):
+        queued.result(10)
+    worker.close()
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return AnswerPipeline.load("tiny-random")
+
+
+def test_reasoner_answers_and_refuses_with_reasons(pipeline):
+    clip = random_clip(4, seed=1)
+    r = Reasoner(ReasonerConfig(model="tiny-random", max_new_tokens=4), pipeline, lambda w, n, s: clip)
+    ok = r.ask("Where is the mug?")
+    assert ok.success and ok.num_frames == 4 and ok.num_tokens <= 4 and ok.clip_start == clip.start
+    assert "empty" in r.ask("   ").error
+    assert "window_sec" in r.ask("Where?", window_sec=-2).error
+    assert "max_new_tokens" in r.ask("Where?", max_new_tokens=10_000).error
+    r.close()
+    empty = Reasoner(ReasonerConfig(model="tiny-random"), pipeline, lambda w, n, s: Clip(frames=()))
+    assert "no camera frames" in empty.ask("Where is the mug?").error
+    empty.close()
+
+
+def test_reasoner_times_out_a_slow_answer(pipeline):
+    def slow_clip(window, n, strategy):
+        time.sleep(1.0)
+        return random_clip(4, seed=2)
+
+    r = Reasoner(ReasonerConfig(model="tiny-random", timeout_sec=0.2), pipeline, slow_clip)
+    res = r.ask("Where is the mug?")
+    assert not res.success and "timed out" in res.error
+    r.close()
+
+
+def test_question_cleaning_and_config_errors():
+    assert clean_question("a\x00b\u200b c\n\td", 100) == "ab c d"
+    with pytest.raises(ConfigError, match="queue_size"):
+        ReasonerConfig(queue_size=-1)
+    with pytest.raises(ConfigError, match="service_name"):
+        ReasonerConfig(service_name="ask me")
