@@ -38,7 +38,7 @@ stllm-run --bag "$BAG" --param "model:=$MODEL" "${EXTRA[@]}" --param perception.
 RUN_PID=$!
 trap 'kill -INT $RUN_PID 2>/dev/null || true; wait $RUN_PID 2>/dev/null || true' EXIT
 
-deadline=$((SECONDS + 300))
+deadline=$((SECONDS + 900))
 until grep -q "bag replay finished" "$RUNLOG"; do
   if ! kill -0 $RUN_PID 2>/dev/null || [ $SECONDS -gt $deadline ]; then
     say "the stack did not come up; its log:"; tail -n 40 "$RUNLOG"; exit 1

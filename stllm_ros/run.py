@@ -34,7 +34,7 @@ def player_command(bag: str, rate: float, loop: bool) -> list[str]:
     exe = shutil.which("stllm-play")
     cmd = [exe] if exe else [sys.executable, "-m", "stllm_ros.bag_player"]
     # wait until the nodes subscribe (they do once configured: the model loads first), so no frame is lost
-    cmd += [bag, "--rate", str(rate), "--clock", "--wait-for-subscribers", "120", "--delay", "1.0"]
+    cmd += [bag, "--rate", str(rate), "--clock", "--wait-for-subscribers", "600", "--delay", "1.0"]
     return cmd + (["--loop"] if loop else [])
 
 
