@@ -1,7 +1,7 @@
 """stllm-play: publish a rosbag2 bag into the ROS graph (for machines without `ros2 bag`).
 
     stllm-play BAG [--rate 1.0] [--remap /old:=/new ...] [--topics /a /b] [--clock] [--loop] [--start-offset SEC]
-               [--wait-for-subscribers SEC] [--delay SEC] [--info]
+               [--wait-for-subscribers SEC] [--any-subscriber] [--delay SEC] [--info]
 
 Reads any rosbag2 bag (MCAP or SQLite3, including bags recorded by rosbag2) with `stllm_core.data.bags` and publishes
 each message's stored CDR bytes unchanged on a publisher of the recorded type, at its log time scaled by 1/rate
@@ -16,7 +16,8 @@ each message's stored CDR bytes unchanged on a publisher of the recorded type, a
 - Timing: message i is due at wall time t0 + (stamp_i - start) / rate on a monotonic clock, so delays do not add up.
 - ``--clock``: publishes rosgraph_msgs/Clock on /clock (best effort, depth 1, as rosbag2) with the bag time at
   ``--clock-hz`` and before every message; nodes with ``use_sim_time`` follow the bag.
-- ``--wait-for-subscribers SEC``: before playing, wait up to SEC for every played topic to have a subscriber.
+- ``--wait-for-subscribers SEC``: before playing, wait up to SEC for every played topic to have a subscriber
+  (with ``--any-subscriber``: for one of them, e.g. a node that subscribes to its inputs all at once when configured).
 - Exits 0 at the end of the bag (after waiting for reliable subscribers to acknowledge), 0 on Ctrl-C, 2 on a bad bag.
 """
 
@@ -46,6 +47,7 @@ class PlayerConfig:
     loop: bool = False
     start_offset: float = 0.0  # seconds into the bag
     wait_for_subscribers: float = 0.0  # seconds; 0 = do not wait
+    any_subscriber: bool = False  # wait for one played topic to have a subscriber instead of all
     delay: float = 0.0  # seconds to sleep before playing (after waiting for subscribers), as `ros2 bag play --delay`
     latched: tuple[str, ...] = LATCHED_TOPICS
     ack_timeout: float = 10.0  # seconds to wait at the end for reliable subscribers to acknowledge
@@ -141,7 +143,7 @@ class BagPlayer:
         deadline = time.monotonic() + timeout
         while not stop.is_set():
             missing = [p.topic_name for p in self.publishers.values() if p.get_subscription_count() == 0]
-            if not missing:
+            if not missing or (self.config.any_subscriber and len(missing) < len(self.publishers)):
                 return True
             if time.monotonic() >= deadline:
                 self.log.warning(f"no subscriber after {timeout:.1f} s on {missing}; playing anyway")
@@ -222,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock-hz", type=float, default=40.0, help="/clock frequency with --clock")
     p.add_argument("--loop", action="store_true", help="play the bag again and again until Ctrl-C")
     p.add_argument("--start-offset", type=float, default=0.0, metavar="SEC", help="start SEC seconds into the bag")
+    p.add_argument("--any-subscriber", action="store_true",
+                   help="with --wait-for-subscribers: one subscribed topic is enough (not every topic)")
     p.add_argument("--wait-for-subscribers", type=float, default=0.0, metavar="SEC",
                    help="wait up to SEC seconds for a subscriber on every played topic before starting")
     p.add_argument("--delay", type=float, default=0.0, metavar="SEC",
@@ -247,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = PlayerConfig(bag=args.bag, rate=args.rate, remap=parse_remap(args.remap), topics=tuple(args.topics),
                            clock=args.clock, clock_hz=args.clock_hz, loop=args.loop, start_offset=args.start_offset,
-                           wait_for_subscribers=args.wait_for_subscribers, delay=args.delay,
+                           wait_for_subscribers=args.wait_for_subscribers, any_subscriber=args.any_subscriber,
+                           delay=args.delay,
                            latched=tuple(args.latched))
     except (STLLMError, argparse.ArgumentTypeError) as e:
         print(f"stllm-play: {e}", file=sys.stderr)

@@ -33,8 +33,9 @@ def node_command(spec, params_file: str, params: list[str]) -> list[str]:
 def player_command(bag: str, rate: float, loop: bool) -> list[str]:
     exe = shutil.which("stllm-play")
     cmd = [exe] if exe else [sys.executable, "-m", "stllm_ros.bag_player"]
-    # wait until the nodes subscribe (they do once configured: the model loads first), so no frame is lost
-    cmd += [bag, "--rate", str(rate), "--clock", "--wait-for-subscribers", "600", "--delay", "1.0"]
+    # Wait until the reasoner subscribes (it subscribes to all its inputs at once when configured, after the model has
+    # loaded: minutes on a first start), then let the other topics match, so that no frame is lost.
+    cmd += [bag, "--rate", str(rate), "--clock", "--wait-for-subscribers", "600", "--any-subscriber", "--delay", "2.0"]
     return cmd + (["--loop"] if loop else [])
 
 
