@@ -129,8 +129,8 @@ def test_invalid_utf8_is_decoded_safely_and_refused_with_a_reason(ros, tiny_node
 def test_lifecycle_configure_loads_and_activate_serves(ros):
     """autostart off: the service answers with the state; configure + activate over lifecycle_msgs (as a lifecycle
     manager or `ros2 lifecycle set` would) make it serve."""
-    from lifecycle_msgs.msg import Transition
-    from lifecycle_msgs.srv import ChangeState
+    from lifecycle_msgs.msg import State, Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
 
     with reasoner("autostart:=false", "model:=tiny-random", "service_name:=/t/ask_lc") as proc:
         proc.wait_for_output("stllm reasoner up", timeout=180)
@@ -139,9 +139,19 @@ def test_lifecycle_configure_loads_and_activate_serves(ros):
         res = ask(ros, client, "Where is the mug?")
         assert not res.success and "not configured" in res.error
         change = ros.node.create_client(ChangeState, "/t/reasoner/change_state")
+        get_state = ros.node.create_client(GetState, "/t/reasoner/get_state")
         ros.wait_for_service(change)
-        for tid, after in ((Transition.TRANSITION_CONFIGURE, "not active"), (Transition.TRANSITION_ACTIVATE, None)):
-            assert ros.call(change, ChangeState.Request(transition=Transition(id=tid)), timeout=180).success
+        ros.wait_for_service(get_state)
+        steps = (
+            (Transition.TRANSITION_CONFIGURE, State.PRIMARY_STATE_INACTIVE, "not active"),
+            (Transition.TRANSITION_ACTIVATE, State.PRIMARY_STATE_ACTIVE, None),
+        )
+        for tid, state, after in steps:
+            # (the state is checked, not the reply's `success`: if a reply is lost and the call is re-sent, the
+            # repeated transition is refused although the first one succeeded)
+            ros.call(change, ChangeState.Request(transition=Transition(id=tid)), timeout=180)
+            now = ros.call(get_state, GetState.Request(), timeout=60).current_state
+            assert now.id == state, f"state {now.label} after transition {tid}; node output:\n{proc.output[-3000:]}"
             res = ask(ros, client, "Where is the mug?")
             if after:
                 assert not res.success and after in res.error, res.error
