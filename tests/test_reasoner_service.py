@@ -11,11 +11,13 @@ from stllm_ros.srv import AskSTLLM
 from tests_support import NodeProcess, RosTestNode, ros_env
 
 
-def reasoner(*params: str) -> NodeProcess:
+def reasoner(*params: str, ns: str = "/t") -> NodeProcess:
+    """A reasoner node process; each concurrently running one needs its own namespace (node names must be unique:
+    two /t/reasoner nodes would share their lifecycle and parameter services)."""
     args = []
     for p in params:
         args += ["-p", p]
-    return NodeProcess.python("stllm_ros.reasoner_node", "--ros-args", "-r", "__ns:=/t", *args)
+    return NodeProcess.python("stllm_ros.reasoner_node", "--ros-args", "-r", f"__ns:={ns}", *args)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def test_cli_client_without_a_service_exits_2():
 
 def test_a_wrong_model_path_leaves_the_node_up_and_says_why(ros, tmp_path):
     missing = tmp_path / "no-such-model"
-    with reasoner(f"model:={missing}", "service_name:=/t/ask_broken") as proc:
+    with reasoner(f"model:={missing}", "service_name:=/t/ask_broken", ns="/broken") as proc:
         proc.wait_for_output("stllm reasoner up", timeout=180)
         client = ros.node.create_client(AskSTLLM, "/t/ask_broken")
         ros.wait_for_service(client)
@@ -132,14 +134,14 @@ def test_lifecycle_configure_loads_and_activate_serves(ros):
     from lifecycle_msgs.msg import State, Transition
     from lifecycle_msgs.srv import ChangeState, GetState
 
-    with reasoner("autostart:=false", "model:=tiny-random", "service_name:=/t/ask_lc") as proc:
+    with reasoner("autostart:=false", "model:=tiny-random", "service_name:=/t/ask_lc", ns="/lc") as proc:
         proc.wait_for_output("stllm reasoner up", timeout=180)
         client = ros.node.create_client(AskSTLLM, "/t/ask_lc")
         ros.wait_for_service(client)
         res = ask(ros, client, "Where is the mug?")
         assert not res.success and "not configured" in res.error
-        change = ros.node.create_client(ChangeState, "/t/reasoner/change_state")
-        get_state = ros.node.create_client(GetState, "/t/reasoner/get_state")
+        change = ros.node.create_client(ChangeState, "/lc/reasoner/change_state")
+        get_state = ros.node.create_client(GetState, "/lc/reasoner/get_state")
         ros.wait_for_service(change)
         ros.wait_for_service(get_state)
         steps = (
