@@ -162,7 +162,7 @@ class ReasonerNode(LifecycleNode):
             self.answers.publish(msg)
             self.get_logger().info(f"Q: {request.question!r} -> A: {result.answer!r} ({result.num_tokens} tokens)")
         else:
-            self.get_logger().warn(f"refused {request.question[:80]!r}: {result.error}")
+            self.get_logger().warning(f"refused {request.question[:80]!r}: {result.error}")
         return response
 
 
