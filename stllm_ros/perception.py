@@ -41,7 +41,7 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
 from stllm_core.config import check, check_choice, from_dict
@@ -73,6 +73,7 @@ class PerceptionConfig:
     world_frame: str = "map"  # fixed frame of the poses and the map (REP-105)
     camera_frame: str = ""  # "" = the image header's frame_id (the optical frame, REP-103)
     sensor_qos: str = "sensor_data"  # "sensor_data" (best effort) | "reliable"
+    sensor_depth: int = 5  # history of the image/info/depth/points subscriptions (5 = the sensor-data profile)
     queue_size: int = 8  # converted messages waiting for the worker; drop-oldest beyond
     max_pending: int = 32  # items waiting for their TF; drop-oldest beyond
     pose_wait_sec: float = 0.5  # wall time an item may wait for TF at its stamp before it is dropped
@@ -100,7 +101,7 @@ class PerceptionConfig:
         check(bool(self.camera_info_topic), "camera_info_topic", self.camera_info_topic, "a topic name")
         check(bool(self.world_frame) and "/" not in self.world_frame, "world_frame", self.world_frame, "a frame id")
         check_choice("sensor_qos", self.sensor_qos, ("sensor_data", "reliable"))
-        for name in ("queue_size", "max_pending", "depth_stride"):
+        for name in ("queue_size", "max_pending", "depth_stride", "sensor_depth"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
         for name in (
@@ -192,7 +193,7 @@ class Perception:
         if config.map_path:
             self._load_map(config.map_path)
 
-        sensor = qos_profile_sensor_data if config.sensor_qos == "sensor_data" else _qos(True, 5)
+        sensor = _qos(config.sensor_qos == "reliable", config.sensor_depth)  # depth 5 best effort = sensor data
         sensors, tf_group = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
         subs = [
             (Image, config.image_topic, self._on_image, sensor, sensors),

@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     params_file = args.params_file or str(default_params_file())
     if not os.path.exists(params_file):
         p.error(f"parameters file {params_file} does not exist")
-    params = list(args.param) + (["use_sim_time:=true"] if args.bag else [])
+    # Replaying a bag: sim time, and lossless delivery (reliable, deep history) unless the user says otherwise; best
+    # effort (the camera default) drops frames whenever the node lags a few frames behind. Later -p entries win.
+    replay = ["use_sim_time:=true", "perception.sensor_qos:=reliable", "perception.sensor_depth:=100"]
+    params = (replay if args.bag else []) + list(args.param)
     if args.bag and not os.path.exists(args.bag):
         p.error(f"bag {args.bag} does not exist")
 

@@ -61,7 +61,10 @@ def ros():
 def stack(demo_bag, ros):
     """stllm-run (full perception) + a second reasoner without depth/points, then the bag replayed once with /clock."""
     # sampling: the untrained tiny model's greedy answer is one repeated newline, i.e. empty text
+    # lossless delivery (as stllm-run --bag sets): best effort may drop some of the 8 frames, and N = 4 is asserted
+    lossless = ["perception.sensor_qos:=reliable", "perception.sensor_depth:=100"]
     common = ["--param", "model:=tiny-random", "--param", "use_sim_time:=true", "--param", "temperature:=1.0"]
+    common += [a for p in lossless for a in ("--param", p)]
     run = NodeProcess.python(
         "stllm_ros.run",
         *common,
@@ -87,6 +90,7 @@ def stack(demo_bag, ros):
         "partial_topic:=/nomap/partial",
         "-p",
         "perception.map_topic:=/nomap/map",
+        *[a for p in lossless for a in ("-p", p)],
     )
     with run, nomap:
         clients = {}

@@ -169,7 +169,9 @@ def test_concurrent_writers_and_readers_never_see_a_wrong_pose():
 
     def reader():
         rng = np.random.default_rng(threading.get_ident() % 1000)
-        while not stop.is_set():
+        done = 0
+        while not stop.is_set() or done < 500:  # also after the writer: it may finish before a reader starts
+            done += 1
             t = float(rng.uniform(0, 20))
             try:
                 x = buf.lookup("odom", "base", t, tolerance=0.0)[0, 3]
