@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from stllm_core.errors import DataError
+from stllm_core.errors import DataError, InputError
+from stllm_core.geometry.rays import validate_intrinsics
 from stllm_core.types import Clip, Frame, Scene
 
 logger = logging.getLogger(__name__)
@@ -96,16 +97,11 @@ def check_pose(T: np.ndarray, where: str, tol: float = RIGID_TOL) -> np.ndarray:
 
 
 def check_K(K: np.ndarray, where: str) -> np.ndarray:
-    K = np.asarray(K, dtype=np.float64)
-    if K.shape != (3, 3):
-        raise DataError(f"Intrinsics {where} have shape {K.shape}; expected (3, 3).")
-    if not np.all(np.isfinite(K)):
-        raise DataError(f"Intrinsics {where} contain NaN or infinite values.")
-    if K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise DataError(f"Intrinsics {where} have focal lengths fx={K[0, 0]}, fy={K[1, 1]}; expected both > 0.")
-    if not np.allclose(K[2], [0, 0, 1]) or K[1, 0] != 0:
-        raise DataError(f"Intrinsics {where} have rows {K[1].tolist()}, {K[2].tolist()}; expected [0 fy cy], [0 0 1].")
-    return K
+    """A (3, 3) pinhole K from a file or frame (the model's own check, as a DataError naming where it came from)."""
+    try:
+        return validate_intrinsics(K, None, None, what=f"Intrinsics {where}")
+    except InputError as e:
+        raise DataError(str(e)) from e
 
 
 def read_pointcloud(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -73,11 +73,11 @@ def relative_poses(T_world_cam: np.ndarray) -> np.ndarray:
     return invert_rigid(T[0])[None] @ T
 
 
-def validate_intrinsics(K: np.ndarray, width: int, height: int, what: str = "K") -> np.ndarray:
+def validate_intrinsics(K: np.ndarray, width: int | None, height: int | None, what: str = "K") -> np.ndarray:
     """Check a (3, 3) pinhole K for an image of width x height pixels; returns it as float64.
 
-    Refuses non-finite values, fx/fy <= 0, a last row other than [0, 0, 1], and a principal point outside the image
-    (the usual sign that K belongs to another resolution than the image).
+    Refuses non-finite values, fx/fy <= 0, a last row other than [0, 0, 1], and (when the image size is given) a
+    principal point outside the image (the usual sign that K belongs to another resolution than the image).
     """
     K = np.asarray(K, dtype=np.float64)
     if K.shape != (3, 3):
@@ -85,11 +85,11 @@ def validate_intrinsics(K: np.ndarray, width: int, height: int, what: str = "K")
     if not np.all(np.isfinite(K)):
         raise InputError(f"{what} contains NaN or Inf: {K.tolist()}.")
     if K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise InputError(f"{what} has non-positive focal lengths fx={K[0, 0]}, fy={K[1, 1]}.")
+        raise InputError(f"{what} has non-positive focal lengths fx={K[0, 0]}, fy={K[1, 1]}; expected both > 0.")
     if np.max(np.abs(K[2] - (0.0, 0.0, 1.0))) > 1e-9 or abs(K[1, 0]) > 1e-9:
         raise InputError(f"{what} is not a pinhole intrinsics matrix (rows 2/3 are {K[1:].tolist()}).")
     cx, cy = K[0, 2], K[1, 2]
-    if not (-0.5 <= cx <= width - 0.5 and -0.5 <= cy <= height - 0.5):
+    if width is not None and height is not None and not (-0.5 <= cx <= width - 0.5 and -0.5 <= cy <= height - 0.5):
         raise InputError(
             f"{what} has principal point ({cx:.1f}, {cy:.1f}) outside the {width}x{height} image: K and image "
             "size do not match (was K given for another resolution?)."
