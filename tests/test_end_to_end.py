@@ -97,6 +97,10 @@ def stack(demo_bag, ros):
         for name in ("/stllm/ask", "/nomap/ask"):
             clients[name] = ros.node.create_client(AskSTLLM, name)
             ros.wait_for_service(clients[name], timeout=240)
+            # the service exists from the start; perception subscribes only once the model has loaded (configure):
+            # replaying before that loses frames for this node (the player only waits for ONE subscriber per topic)
+            wait_until(lambda c=clients[name]: "not configured" not in ask(ros, c, "ready?").error, 240,
+                       interval=0.5, what=f"{name} to be configured")
         with NodeProcess.python(
             "stllm_ros.bag_player", str(demo_bag), "--clock", "--wait-for-subscribers", "60", "--delay", "1"
         ) as player:
