@@ -101,8 +101,10 @@ def stack(demo_bag, ros):
             # replaying before that loses frames for this node (the player only waits for ONE subscriber per topic)
             wait_until(lambda c=clients[name]: "not configured" not in ask(ros, c, "ready?").error, 240,
                        interval=0.5, what=f"{name} to be configured")
+        # --delay 3: volatile readers get nothing published before they match the player's writers, and the player
+        # counts one subscriber per topic (a CI run saw the second node hold 3 of the 4 frames with --delay 1)
         with NodeProcess.python(
-            "stllm_ros.bag_player", str(demo_bag), "--clock", "--wait-for-subscribers", "60", "--delay", "1"
+            "stllm_ros.bag_player", str(demo_bag), "--clock", "--wait-for-subscribers", "60", "--delay", "3"
         ) as player:
             assert player.wait(240) == 0, player.output[-3000:]
         yield clients
