@@ -176,3 +176,11 @@ def test_cli_runs_shipped_config(smoke, tmp_path, capsys):
     assert rc == 0 and "done: 2 steps" in capsys.readouterr().out
     assert (tmp_path / "o" / "model" / "model.safetensors").is_file()
     assert tr.main(["--config", str(tmp_path / "none.yaml")]) == 2
+    # a resumed run may change the batch size: it continues at the same sample position
+    rc = tr.main(["--config", str(config), "--train-data", str(smoke), "--out", str(tmp_path / "o"), "--resume",
+                  "--max-steps", "3", "--batch-size", "1", "--no-progress"])
+    assert rc == 0 and "done: 3 steps" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["samples"] == log[-2]["samples"] + 1 and log[-1]["step"] == 3
+    assert tr.main(["--config", str(config), "--train-data", str(smoke), "--out", str(tmp_path / "b"),
+                    "--batch-size", "0", "--no-progress"]) == 2

@@ -1,6 +1,6 @@
 """stllm-train: fine-tune ST-LLM on REA-format records (CPU, one GPU, or several through `accelerate launch`).
 
-    stllm-train --config training/configs/tiny.yaml [--out DIR] [--resume] [--max-steps N]
+    stllm-train --config training/configs/tiny.yaml [--out DIR] [--resume] [--max-steps N] [--batch-size B]
     accelerate launch --config_file training/configs/accelerate/ddp.yaml -m training.train --config ...
 
 What is trained is what the configuration says (default: the model config's `trainable` parts; the official recipe
@@ -732,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output directory (overrides out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
     p.add_argument("--max-steps", type=int, help="total optimizer steps (overrides train.max_steps / epochs)")
+    p.add_argument("--batch-size", type=int,
+                   help="per-device batch size (overrides train.batch_size; a resumed run continues at the same "
+                        "sample position with the new size)")
     p.add_argument("--stop-after", type=int, help="stop after this many total steps (schedule unchanged)")
     p.add_argument("--train-data", help="REA JSON to train on (overrides data.train)")
     p.add_argument("--val-data", help="REA JSON for the validation loss (overrides data.val)")
@@ -747,7 +750,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg.out_dir = args.out
         if args.max_steps is not None:
             cfg.train.max_steps = args.max_steps
-            cfg.train.__post_init__()
+        if args.batch_size is not None:
+            cfg.train.batch_size = args.batch_size
+        cfg.train.__post_init__()
         if args.train_data:
             cfg.data.train = args.train_data
         if args.val_data:
