@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
 # Reproduce models/stllm-smol (the embedded default model) from seed 0, end to end:
 #   1. REA-Sim data (100 kitchens x 3 episodes, 12 frames of 128x96 px; val = 15 kitchens never seen in training)
-#   2. stllm-train with training/configs/stllm-smol.yaml: 800 + 800 steps at batch 1, then 1300 at batch 4
-#      (resumable: rerun after an interruption)
+#   2. stllm-train with training/configs/stllm-smol.yaml, 800 + 800 steps (resumable: rerun after an interruption)
 #   3. export the trained, non-LLM weights + config + tokenizer into models/stllm-smol/
 #   4. stllm-eval on a held-out subset (every EVAL_EVERY-th val record, all val kitchens): the model, --blind,
 #      --no-video, --no-points; results JSON per run and the per-type table in models/stllm-smol/eval.json
 #
-# Usage: scripts/train_smol.sh   (CPU: ~55 min for steps 1-1600 on one busy core, ~95 min for 1601-2900 on two idle
-#   threads, ~15 min of evaluation)
+# Usage: scripts/train_smol.sh            (CPU: ~55 min of training on one busy core, ~15 min of evaluation)
 # Environment: DATA (data/reasim-smol), RUN (runs/stllm-smol), OUT (models/stllm-smol), EVAL_EVERY (6),
-#   THREADS (2; torch threads for training), DEVICE (auto: cuda when available), SKIP_EVAL (0).
+#   THREADS (1; torch threads for training), DEVICE (auto: cuda when available), SKIP_EVAL (0).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
@@ -19,7 +17,7 @@ DATA="${DATA:-data/reasim-smol}"
 RUN="${RUN:-runs/stllm-smol}"
 OUT="${OUT:-models/stllm-smol}"
 EVAL_EVERY="${EVAL_EVERY:-6}"
-THREADS="${THREADS:-2}"
+THREADS="${THREADS:-1}"
 DEVICE="${DEVICE:-auto}"
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 
@@ -31,16 +29,14 @@ if [ ! -f "$DATA/val.json" ]; then
 fi
 
 echo "== 2/4 training -> $RUN"
-# Three sessions, as the shipped weights were made: an 800-step cosine schedule (batch 1); the same run resumed with the
-# schedule extended to 1600 steps (the learning rate restarts at the 1600-step cosine's value at step 800, 2.8e-4);
-# resumed again with the schedule extended to 2900 steps at batch 4 (lr restarts at 2.5e-4; 20% more samples/s on
-# this CPU than batch 1). All are resumable: rerun the script after an interruption.
+# Two sessions, as the shipped weights were made: an 800-step cosine schedule, then the same run resumed with the
+# schedule extended to 1600 steps (the learning rate restarts at the 1600-step cosine's value at step 800, 2.8e-4).
+# Both are resumable: rerun the script after an interruption.
 train() { python -m training.train --config training/configs/stllm-smol.yaml --train-data "$DATA/train.json" \
               --val-data "$DATA/val.json" --out "$RUN" --resume "$@"; }
 last_step() { local d; d=$(ls "$RUN/checkpoints" 2>/dev/null | sort | tail -1); d=${d#step_}; echo $((10#${d:-0})); }
 [ "$(last_step)" -ge 800 ] || train --max-steps 800
-[ "$(last_step)" -ge 1600 ] || train --max-steps 1600
-[ "$(last_step)" -ge 2900 ] && [ -f "$RUN/model/model.safetensors" ] || train --max-steps 2900 --batch-size 4
+[ "$(last_step)" -ge 1600 ] && [ -f "$RUN/model/model.safetensors" ] || train --max-steps 1600
 
 echo "== 3/4 export -> $OUT"
 mkdir -p "$OUT"
