@@ -24,7 +24,8 @@ def test_llava_video_7b_shapes_and_parameter_counts():
     assert len(model.vision_tower.encoder.layers) == 26
     assert counts["vision_projector"] == 1152 * 3584 + 3584 + 3584 * 3584 + 3584  # LLaVA mlp2x_gelu
     assert 30e6 < counts["aligner"] < 150e6
-    assert counts["ray_encoders"] == 2 * (765 * 768 + 768)  # the official 765 -> 768 shape
+    # 127 frequencies as the official code (765 features per 3-vector); direction + position: 2 x 765 -> 768, + LayerNorm
+    assert counts["ray_encoders"] == 2 * (2 * 765 * 768 + 768 + 2 * 768)
     assert model.pooled_grid == 14 and cfg.tokens_per_frame(14) == 196  # 27x27 patches -> 14x14 tokens
 
     # shapes chain through the whole model for 32 frames at 384x384 (meta tensors: no compute, no memory)
@@ -36,8 +37,8 @@ def test_llava_video_7b_shapes_and_parameter_counts():
         prefix_mask=torch.zeros(1, L, dtype=torch.bool, device=dev),
         pixel_values=torch.empty(1, T, 3, S, S, device=dev, dtype=torch.bfloat16),
         frame_mask=torch.ones(1, T, dtype=torch.bool, device=dev),
-        patch_dirs=torch.empty(1, T, 14, 14, 3, device=dev), points=torch.empty(1, P, 6, device=dev),
-        point_dirs=torch.empty(1, P, 3, device=dev), point_mask=torch.ones(1, P, dtype=torch.bool, device=dev),
+        patch_rays=torch.empty(1, T, 14, 14, 6, device=dev), points=torch.empty(1, P, 6, device=dev),
+        point_rays=torch.empty(1, P, 6, device=dev), point_mask=torch.ones(1, P, dtype=torch.bool, device=dev),
         question_ids=torch.zeros(1, Q, dtype=torch.long, device=dev),
         question_mask=torch.ones(1, Q, dtype=torch.bool, device=dev),
     )

@@ -40,7 +40,7 @@ def test_smollm2_backbone_is_the_real_model(smol):
 def test_smol_forward_and_save_load_without_lm_weights(smol, tmp_path):
     model, processor = smol
     inputs = processor("Where is the mug?", random_clip(20, seed=0, size=(160, 120)), answer="On the table.")
-    assert inputs.pixel_values.shape == (1, 16, 3, 128, 128) and inputs.patch_dirs.shape == (1, 16, 4, 4, 3)
+    assert inputs.pixel_values.shape == (1, 16, 3, 128, 128) and inputs.patch_rays.shape == (1, 16, 4, 4, 6)
     with torch.no_grad():
         out = model(inputs)
     assert torch.isfinite(out.loss)

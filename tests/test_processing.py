@@ -82,7 +82,7 @@ def test_points_are_voxelized_capped_and_non_finite_dropped(processor):
     assert inputs.num_points == processor.config.max_points == inputs.points.shape[1]
     assert np.isfinite(inputs.points.numpy()).all()
     assert float(inputs.points[..., 3:].abs().max()) <= 1.0  # rgb / 127.5 - 1
-    np.testing.assert_allclose(np.linalg.norm(inputs.point_dirs[0].numpy(), axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(inputs.point_rays[0, :, :3].numpy(), axis=-1), 1.0, atol=1e-5)
 
 
 def test_question_cleaning_blocks_injection(processor):

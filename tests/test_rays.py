@@ -135,7 +135,7 @@ def test_encodings_invariant_to_global_rigid_transform():
     G = rigid([0.4, -1.1, 0.7], [3.0, -2.0, 0.5])
     a = processor("Where is the mug?", clip)
     b = processor("Where is the mug?", _moved(clip, G))
-    for name in ("patch_dirs", "points", "point_dirs", "point_mask"):
+    for name in ("patch_rays", "points", "point_rays", "point_mask"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=0, atol=2e-5, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(model.get_prefix_embeds(b), model.get_prefix_embeds(a), rtol=0, atol=1e-4)
@@ -144,4 +144,4 @@ def test_encodings_invariant_to_global_rigid_transform():
     f1 = frames[1]
     frames[1] = Frame(f1.stamp, f1.image, f1.K, f1.T_world_cam @ rigid([0, 0.5, 0], [0] * 3))
     c = processor("Where is the mug?", Clip(tuple(frames), clip.scene))
-    assert not torch.allclose(c.patch_dirs[0, 1], a.patch_dirs[0, 1], atol=1e-3)
+    assert not torch.allclose(c.patch_rays[0, 1], a.patch_rays[0, 1], atol=1e-3)

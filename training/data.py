@@ -29,7 +29,7 @@ from stllm_core.types import Clip, Frame, Scene
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("skip", "raise")
-ABLATIONS = ("none", "no-video", "no-points", "blind")
+ABLATIONS = ("none", "no-video", "no-points", "no-position", "blind")
 
 
 @dataclass
@@ -98,10 +98,20 @@ class SkippedSample:
 
 
 def ablate(clip: Clip, mode: str) -> Clip:
-    """Remove modalities for ablations: no-video = black frames (poses and count kept, so shapes stay), no-points =
-    empty scene, blind = both."""
+    """Remove inputs for ablations (frame count, stamps and shapes stay):
+    no-video = black frames (poses kept); no-points = empty scene; no-position = every camera centre moved to the
+    first camera's (orientations kept: where the person stood is lost, where they looked is not);
+    blind = black frames, no points and every pose the first one: what the question alone says."""
     check_choice("ablation", mode, ABLATIONS)
     frames, scene = clip.frames, clip.scene
+    if mode in ("no-position", "blind"):
+        t0 = np.asarray(frames[0].T_world_cam, np.float64)
+        poses = []
+        for f in frames:
+            T = np.array(f.T_world_cam, np.float64)
+            T[:3, 3] = t0[:3, 3]
+            poses.append(t0 if mode == "blind" else T)
+        frames = tuple(Frame(f.stamp, f.image, f.K, T, f.depth) for f, T in zip(frames, poses))
     if mode in ("no-video", "blind"):
         frames = tuple(Frame(f.stamp, np.zeros_like(f.image), f.K, f.T_world_cam, None) for f in frames)
     if mode in ("no-points", "blind"):

@@ -32,9 +32,9 @@ logger = logging.getLogger(__name__)
 ENCODER_INPUTS = (
     "pixel_values",  # (B, T, 3, S, S) float
     "frame_mask",  # (B, T) bool
-    "patch_dirs",  # (B, T, s, s, 3) float
+    "patch_rays",  # (B, T, s, s, 6) float
     "points",  # (B, P, 6) float
-    "point_dirs",  # (B, P, 3) float
+    "point_rays",  # (B, P, 6) float
     "point_mask",  # (B, P) bool
     "question_ids",  # (B, Q) long
     "question_mask",  # (B, Q) bool
@@ -52,9 +52,9 @@ class EncoderStack(nn.Module):
         self,
         pixel_values: torch.Tensor,
         frame_mask: torch.Tensor,
-        patch_dirs: torch.Tensor,
+        patch_rays: torch.Tensor,
         points: torch.Tensor,
-        point_dirs: torch.Tensor,
+        point_rays: torch.Tensor,
         point_mask: torch.Tensor,
         question_ids: torch.Tensor,
         question_mask: torch.Tensor,
@@ -62,9 +62,9 @@ class EncoderStack(nn.Module):
         inputs = SimpleNamespace(
             pixel_values=pixel_values,
             frame_mask=frame_mask,
-            patch_dirs=patch_dirs,
+            patch_rays=patch_rays,
             points=points,
-            point_dirs=point_dirs,
+            point_rays=point_rays,
             point_mask=point_mask,
             question_ids=question_ids,
             question_mask=question_mask,
@@ -99,9 +99,9 @@ def pad_encoder_inputs(inputs, config):
     padded = {
         "pixel_values": _pad_dim1(inputs.pixel_values, T, 0.0),
         "frame_mask": _pad_dim1(inputs.frame_mask, T, False),
-        "patch_dirs": _pad_dim1(inputs.patch_dirs, T, 0.0),
+        "patch_rays": _pad_dim1(inputs.patch_rays, T, 0.0),
         "points": _pad_dim1(inputs.points, P, 0.0),
-        "point_dirs": _pad_dim1(inputs.point_dirs, P, 0.0),
+        "point_rays": _pad_dim1(inputs.point_rays, P, 0.0),
         "point_mask": _pad_dim1(inputs.point_mask, P, False),
         "question_ids": _pad_dim1(inputs.question_ids, Q, 0),
         "question_mask": _pad_dim1(inputs.question_mask, Q, False),

@@ -1,9 +1,19 @@
 """The Q-Former-style aligner: learnable queries that read image, question and point tokens.
 
-Sequence (self-attention):  [queries (Nq) | image tokens (T*S) + ray PE + frame embedding | question tokens (Q)]
-Memory (cross-attention):   [a learned "null" token | point features + ray PE]   (the null token keeps the softmax
-                            defined when the cloud is empty: an empty cloud simply means the queries read nothing)
-The first Nq outputs are normalised and projected to the language model's width: the prefix tokens.
+Sequence (self-attention):  [queries (Nq) | image tokens (T*S) | question tokens (Q)]
+Memory (cross-attention):   [a learned "null" token | point tokens (P)]   (the null token keeps the softmax defined
+                            when the cloud is empty: an empty cloud simply means the queries read nothing)
+
+Every stream's content is layer-normalised before its encodings are added, so that no stream drowns another:
+    image token    = LN(image_in(patch feature)) + ray encoding (itself layer-normalised) + frame + type embedding
+    question token = LN(text_in(LM input embedding)) + text position + type embedding
+    point token    = LN(point feature) + ray encoding (layer-normalised)
+    query          = a learned vector at unit scale + type embedding
+The frame, type and text-position embeddings start small (initializer_range) and the queries at unit scale, so the
+queries are distinct from the first step (a large shared embedding added to small queries would make them one token
+after the first LayerNorm). The first Nq outputs are projected to the language model's width and layer-normalised
+with a gain initialised to the RMS of the LM's input embeddings (`prefix_norm`): the prefix enters the LM at the scale
+of its own token embeddings. Initial values are set by STLLMForConditionalGeneration._init_weights (one place).
 """
 
 from __future__ import annotations
@@ -55,16 +65,19 @@ class QFormerAligner(nn.Module):
                  max_frames: int, max_question_tokens: int):
         super().__init__()
         self.num_queries = num_queries
-        self.queries = nn.Parameter(torch.randn(num_queries, hidden) * 0.02)
+        self.queries = nn.Parameter(torch.empty(num_queries, hidden))
         self.image_in = nn.Linear(lm_hidden, hidden)
+        self.image_norm = nn.LayerNorm(hidden)
         self.text_in = nn.Linear(lm_hidden, hidden)
+        self.text_norm = nn.LayerNorm(hidden)
+        self.point_norm = nn.LayerNorm(hidden)
         self.frame_embed = nn.Embedding(max_frames, hidden)
         self.text_pos = nn.Embedding(max_question_tokens, hidden)
         self.type_embed = nn.Embedding(3, hidden)  # 0 query, 1 image, 2 question
-        self.null_memory = nn.Parameter(torch.randn(1, hidden) * 0.02)
+        self.null_memory = nn.Parameter(torch.empty(1, hidden))
         self.layers = nn.ModuleList(AlignerLayer(hidden, heads, mlp_ratio) for _ in range(layers))
-        self.out_norm = nn.LayerNorm(hidden)
         self.out_proj = nn.Linear(hidden, lm_hidden)
+        self.prefix_norm = nn.LayerNorm(lm_hidden)  # gain = the LM's input-embedding RMS (set by _init_weights)
 
     def forward(
         self,
@@ -73,18 +86,19 @@ class QFormerAligner(nn.Module):
         frame_mask: torch.Tensor,  # (B, T) bool
         question_embeds: torch.Tensor,  # (B, Q, lm_hidden) LM input embeddings of the question
         question_mask: torch.Tensor,  # (B, Q) bool
-        point_feats: torch.Tensor,  # (B, P, hidden) point features + ray encodings
+        point_feats: torch.Tensor,  # (B, P, hidden) point encoder features
+        point_pe: torch.Tensor,  # (B, P, hidden) ray encodings of the points
         point_mask: torch.Tensor,  # (B, P) bool
     ) -> torch.Tensor:
         B, T, S, _ = image_feats.shape
         Q = question_embeds.shape[1]
         dtype = self.queries.dtype
         frame_ids = torch.arange(T, device=image_feats.device)
-        img = self.image_in(image_feats.to(dtype)) + image_pe.to(dtype)  # (B, T, S, C)
+        img = self.image_norm(self.image_in(image_feats.to(dtype))) + image_pe.to(dtype)  # (B, T, S, C)
         img = img + (self.frame_embed(frame_ids)[:, None] + self.type_embed.weight[1])[None]
         img = img.reshape(B, T * S, -1)  # (B, T*S, C)
-        txt = self.text_in(question_embeds.to(dtype)) + self.text_pos(torch.arange(Q, device=img.device))
-        txt = txt + self.type_embed.weight[2]  # (B, Q, C)
+        txt = self.text_norm(self.text_in(question_embeds.to(dtype)))
+        txt = txt + self.text_pos(torch.arange(Q, device=img.device)) + self.type_embed.weight[2]  # (B, Q, C)
         qry = (self.queries + self.type_embed.weight[0]).expand(B, -1, -1)  # (B, Nq, C)
         x = torch.cat([qry, img, txt], dim=1)  # (B, Nq + T*S + Q, C)
         x_mask = torch.cat([
@@ -92,8 +106,9 @@ class QFormerAligner(nn.Module):
             frame_mask.bool()[:, :, None].expand(B, T, S).reshape(B, T * S),
             question_mask.bool(),
         ], dim=1)
-        mem = torch.cat([self.null_memory.expand(B, -1, -1), point_feats.to(dtype)], dim=1)  # (B, 1 + P, C)
+        pts = (self.point_norm(point_feats.to(dtype)) + point_pe.to(dtype)) * point_mask[..., None].to(dtype)
+        mem = torch.cat([self.null_memory.expand(B, -1, -1), pts], dim=1)  # (B, 1 + P, C)
         mem_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), point_mask.bool()], dim=1)
         for layer in self.layers:
             x = layer(x, x_mask, mem, mem_mask)
-        return self.out_proj(self.out_norm(x[:, : self.num_queries]))  # (B, Nq, lm_hidden)
+        return self.prefix_norm(self.out_proj(x[:, : self.num_queries]))  # (B, Nq, lm_hidden)

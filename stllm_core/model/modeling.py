@@ -1,9 +1,9 @@
 """STLLMForConditionalGeneration: vision tower + point encoder + ray encodings + Q-Former aligner + causal LM.
 
     pixels (B,T,3,S,S) -> vision_tower -> vision_projector -> 2x2 pool -> (B,T,s,s,D_lm) --+
-    patch rays (B,T,s,s,3) -> ray_encoders["image"] ---------------------------------------+
+    patch rays (B,T,s,s,6) -> ray_encoders["image"] ---------------------------------------+
     question ids (B,Q) -> LM input embeddings ---------------------------------------------+--> aligner -> (B,Nq,D_lm)
-    points (B,P,6) -> point_encoder (+ ray_encoders["point"](point rays)) -----------------+
+    points (B,P,6) -> point_encoder, point rays (B,P,6) -> ray_encoders["point"] ----------+
     prompt ids (B,L) with Nq placeholder tokens -> LM embeddings, placeholders <- prefix -> language_model
 """
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from stllm_core.errors import InputError
 from stllm_core.model.aligner import QFormerAligner
-from stllm_core.model.configuration import PARTS, STLLMConfig
+from stllm_core.model.configuration import BACKBONES, PARTS, STLLMConfig
 from stllm_core.model.point_encoder import PointEncoder
 from stllm_core.model.processing import ModelInputs
 from stllm_core.model.rays import RayEncoder
@@ -58,14 +58,50 @@ class STLLMForConditionalGeneration(nn.Module):
         self.point_encoder = PointEncoder(config.point_width, config.point_layers, config.point_knn,
                                           config.aligner_hidden)
         self.ray_encoders = nn.ModuleDict({
-            "image": RayEncoder(config.ray_num_freqs, config.ray_max_freq, config.aligner_hidden),
-            "point": RayEncoder(config.ray_num_freqs, config.ray_max_freq, config.aligner_hidden),
+            name: RayEncoder(config.ray_num_freqs, config.ray_max_freq, config.aligner_hidden, config.ray_encoding,
+                             config.position_scale)
+            for name in ("image", "point")
         })
         self.aligner = QFormerAligner(lm_hidden, config.aligner_hidden, config.aligner_layers, config.aligner_heads,
                                       config.aligner_mlp_ratio, config.num_queries, config.num_frames,
                                       config.aligner_max_question_tokens)
         self.language_model = language_model
+        for name in PARTS:
+            if name not in BACKBONES:
+                self.part(name).apply(self._init_weights)
+        self.match_prefix_scale()
         self.apply_trainable()
+
+    # --- initialisation: the one convention for every part this project defines ------------------------------
+    def _init_weights(self, module: nn.Module) -> None:
+        """Linear and Embedding weights ~ N(0, initializer_range), biases 0, LayerNorm gain 1 / bias 0; the aligner's
+        queries and null memory ~ N(0, 1): unit scale, as the layer-normalised streams they sit beside, and far
+        larger than the embeddings added to them (so the queries start distinct). The backbones (vision tower,
+        language model) keep their own initialisation or pretrained weights."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, QFormerAligner):
+            nn.init.normal_(module.queries, std=1.0)
+            nn.init.normal_(module.null_memory, std=1.0)
+
+    @torch.no_grad()
+    def match_prefix_scale(self, embedding_weight: torch.Tensor | None = None) -> float | None:
+        """Set the prefix output gain to the RMS of the LM's input embeddings (`embedding_weight`, default the LM's
+        own; skipped while it is on the meta device), so prefix tokens have the norm of real token embeddings."""
+        w = self.language_model.get_input_embeddings().weight if embedding_weight is None else embedding_weight
+        if w.is_meta:
+            return None
+        rms = float(w.float().pow(2).mean().sqrt())
+        self.aligner.prefix_norm.weight.fill_(rms)
+        return rms
 
     # --- parts -------------------------------------------------------------------------------------------------
     def part(self, name: str) -> nn.Module:
@@ -109,21 +145,20 @@ class STLLMForConditionalGeneration(nn.Module):
         h = F.adaptive_avg_pool2d(h, self.pooled_grid)  # (B*T, D, s, s)
         return h.permute(0, 2, 3, 1).reshape(B, T, self.pooled_grid, self.pooled_grid, -1)
 
-    def get_point_features(self, points: torch.Tensor, point_dirs: torch.Tensor, point_mask: torch.Tensor):
-        """(B, P, 6) points, (B, P, 3) rays, (B, P) mask -> (B, P, aligner_hidden) features + ray encodings."""
-        feats = self.point_encoder(points, point_mask)
-        pe = self.ray_encoders["point"](point_dirs)
-        return (feats + pe.to(feats.dtype)) * point_mask[..., None].to(feats.dtype)
+    def get_point_features(self, points: torch.Tensor, point_mask: torch.Tensor) -> torch.Tensor:
+        """(B, P, 6) points, (B, P) mask -> (B, P, aligner_hidden) point encoder features (zeros where masked)."""
+        return self.point_encoder(points, point_mask)
 
     def get_prefix_embeds(self, inputs: ModelInputs) -> torch.Tensor:
         """Step 1: all encoders + aligner -> (B, num_queries, D_lm) prefix embeddings."""
         img = self.get_image_features(inputs.pixel_values)  # (B, T, s, s, D)
         B, T, s = img.shape[:3]
         img = img.reshape(B, T, s * s, -1)  # (B, T, S, D)
-        img_pe = self.ray_encoders["image"](inputs.patch_dirs.reshape(B, T, s * s, 3))  # (B, T, S, C)
-        pts = self.get_point_features(inputs.points, inputs.point_dirs, inputs.point_mask)  # (B, P, C)
+        img_pe = self.ray_encoders["image"](inputs.patch_rays.reshape(B, T, s * s, -1))  # (B, T, S, C)
+        pts = self.get_point_features(inputs.points, inputs.point_mask)  # (B, P, C)
+        pts_pe = self.ray_encoders["point"](inputs.point_rays)  # (B, P, C)
         q = self.language_model.get_input_embeddings()(inputs.question_ids)  # (B, Q, D)
-        prefix = self.aligner(img, img_pe, inputs.frame_mask, q, inputs.question_mask, pts, inputs.point_mask)
+        prefix = self.aligner(img, img_pe, inputs.frame_mask, q, inputs.question_mask, pts, pts_pe, inputs.point_mask)
         return prefix.to(self.language_model.get_input_embeddings().weight.dtype)
 
     # --- step 2: prompt ----------------------------------------------------------------------------------------

@@ -4,11 +4,14 @@ Frames: RGB uint8 (H, W, 3) of any size, resized to image_size x image_size (cv2
 normalised with the config's mean/std; each frame's K is rescaled with its resize. If the clip has more frames than
 config.num_frames, num_frames are picked uniformly (np.linspace, rounded); if it has fewer, all of them are used (at
 least 1): no padding, the time instruction states the real count.
-Poses: validated (finite, rigid) and re-expressed relative to the first selected frame.
+Poses: validated (finite, rigid) and re-expressed relative to the first selected frame. Each pooled patch gets a
+6-number ray: its unit direction and the centre of its camera, both in the frame-0 camera frame (metres).
 Points: non-finite points are dropped; the rest are moved into the frame-0 camera frame, averaged per voxel_size voxel,
 and capped at max_points by a deterministic hash-priority subsample (spatially uniform, invariant to a global rigid
 transform). The tensor is padded (masked) to at least max(1, point_knn) points, so an empty cloud is a fully masked
-cloud; it is an InputError only when config.require_points is set.
+cloud; it is an InputError only when config.require_points is set. Each point gets a 6-number ray: its unit
+direction from the camera-0 centre and its position, in frame 0 (what the model encodes of them is
+config.ray_encoding).
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ class ModelInputs:
     prefix_mask: torch.Tensor  # (B, L) bool, True at the num_queries placeholder positions
     pixel_values: torch.Tensor  # (B, T, 3, S, S) float, normalised
     frame_mask: torch.Tensor  # (B, T) bool
-    patch_dirs: torch.Tensor  # (B, T, s, s, 3) float unit rays of the pooled patches, frame-0 camera frame
+    patch_rays: torch.Tensor  # (B, T, s, s, 6) float: unit ray of each pooled patch + its camera centre (frame 0)
     points: torch.Tensor  # (B, P, 6) float: xyz (frame 0, metres), rgb / 127.5 - 1
-    point_dirs: torch.Tensor  # (B, P, 3) float unit directions from camera-0 centre (frame 0)
+    point_rays: torch.Tensor  # (B, P, 6) float: unit direction from the camera-0 centre + xyz (frame 0)
     point_mask: torch.Tensor  # (B, P) bool
     question_ids: torch.Tensor  # (B, Q) long, the cleaned question alone (for the aligner)
     question_mask: torch.Tensor  # (B, Q) bool
@@ -90,9 +93,9 @@ def collate(batch: list[ModelInputs], pad_token_id: int = 0) -> ModelInputs:
         prefix_mask=_pad([b.prefix_mask for b in batch], 1, False),
         pixel_values=_pad([b.pixel_values for b in batch], 1, 0.0),
         frame_mask=_pad([b.frame_mask for b in batch], 1, False),
-        patch_dirs=_pad([b.patch_dirs for b in batch], 1, 0.0),
+        patch_rays=_pad([b.patch_rays for b in batch], 1, 0.0),
         points=_pad([b.points for b in batch], 1, 0.0),
-        point_dirs=_pad([b.point_dirs for b in batch], 1, 0.0),
+        point_rays=_pad([b.point_rays for b in batch], 1, 0.0),
         point_mask=_pad([b.point_mask for b in batch], 1, False),
         question_ids=_pad([b.question_ids for b in batch], 1, pad_token_id),
         question_mask=_pad([b.question_mask for b in batch], 1, False),
@@ -215,7 +218,7 @@ class STLLMProcessor:
         S = cfg.image_size
         mean = np.asarray(cfg.image_mean, np.float32)
         std = np.asarray(cfg.image_std, np.float32)
-        pix, dirs = [], []
+        pix, patch_rays = [], []
         for i, f, T_rel in zip(idx, frames, rel):
             H, W = f.image.shape[:2]
             K = rays.validate_intrinsics(f.K, W, H, what=f"K of frame {int(i)}")
@@ -223,7 +226,8 @@ class STLLMProcessor:
             img = cv2.resize(f.image, (S, S), interpolation=interp).astype(np.float32) / 255.0
             pix.append(((img - mean) / std).transpose(2, 0, 1))  # (3, S, S)
             K_s = rays.rescale_intrinsics(K, (W, H), (S, S))
-            dirs.append(rays.patch_ray_directions(K_s, T_rel[:3, :3], S, self.patch_size, self.pooled_grid))
+            d = rays.patch_ray_directions(K_s, T_rel[:3, :3], S, self.patch_size, self.pooled_grid)  # (s, s, 3)
+            patch_rays.append(np.concatenate([d, np.broadcast_to(T_rel[:3, 3], d.shape)], axis=-1))  # (s, s, 6)
         pts, cols = self._check_scene(clip)
         p0 = rays.points_in_frame0(pts, poses[0])
         xyz, rgb = voxelize(p0, cols, cfg.voxel_size, cfg.max_points)
@@ -233,15 +237,16 @@ class STLLMProcessor:
         points = np.zeros((P, 6), np.float32)
         points[:n, :3] = xyz
         points[:n, 3:] = rgb / 127.5 - 1.0
-        point_dirs = np.zeros((P, 3), np.float32)
-        point_dirs[:n] = pdirs
+        point_rays = np.zeros((P, 6), np.float32)
+        point_rays[:n, :3] = pdirs
+        point_rays[:n, 3:] = xyz
         t0 = clip.frames[0].stamp
         return {
             "pixel_values": torch.from_numpy(np.stack(pix))[None],  # (1, T, 3, S, S)
             "frame_mask": torch.ones(1, len(frames), dtype=torch.bool),
-            "patch_dirs": torch.from_numpy(np.stack(dirs).astype(np.float32))[None],  # (1, T, s, s, 3)
+            "patch_rays": torch.from_numpy(np.stack(patch_rays).astype(np.float32))[None],  # (1, T, s, s, 6)
             "points": torch.from_numpy(points)[None],  # (1, P, 6)
-            "point_dirs": torch.from_numpy(point_dirs)[None],  # (1, P, 3)
+            "point_rays": torch.from_numpy(point_rays)[None],  # (1, P, 6)
             "point_mask": (torch.arange(P) < n)[None],  # (1, P)
             "frame_times": [float(f.stamp - t0) for f in frames],
             "duration": float(clip.duration),
@@ -257,7 +262,7 @@ class STLLMProcessor:
             a = prompt_lib.clean_text(answer, self.tokenizer, None, "answer")
         vis = self.prepare_visual(clip)
         ids, labels = prompt_lib.encode_example(self.tokenizer, q, vis["duration"], vis["frame_times"],
-                                                self.config.num_queries, a)
+                                                self.config.num_queries, a, style=self.config.prompt_style)
         input_ids = torch.tensor([ids], dtype=torch.long)
         prefix_mask = input_ids == self.prefix_token_id
         if int(prefix_mask.sum()) != self.config.num_queries:
@@ -270,9 +275,9 @@ class STLLMProcessor:
             prefix_mask=prefix_mask,
             pixel_values=vis["pixel_values"],
             frame_mask=vis["frame_mask"],
-            patch_dirs=vis["patch_dirs"],
+            patch_rays=vis["patch_rays"],
             points=vis["points"],
-            point_dirs=vis["point_dirs"],
+            point_rays=vis["point_rays"],
             point_mask=vis["point_mask"],
             question_ids=torch.tensor([qids], dtype=torch.long),
             question_mask=torch.ones(1, len(qids), dtype=torch.bool),

@@ -3,10 +3,12 @@
 A user turn is
     <|st_prefix|> x num_queries            (placeholders replaced by the aligner's prefix embeddings)
     The video lasts for {t:.2f} seconds, and {N} frames are uniformly sampled from it. These frames are located at
-    {0.00s,0.50s,...}. (the time instruction of LLaVA-Video / ST-LLM)
+    {0.00s,0.50s,...}. (the time instruction of LLaVA-Video / ST-LLM; style "full" only)
     {question}
-rendered with the language model tokenizer's own chat template (generation prompt appended). For training, the answer
-tokens plus the end-of-turn token follow, and labels mask everything else with -100.
+rendered with the language model tokenizer's own chat template (generation prompt appended). Style "full" keeps the
+template's default system line; style "short" gives an empty system line (where the template has a system role) and
+drops the time instruction. For training, the answer tokens plus the end-of-turn token follow, and labels mask
+everything else with -100.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 from collections.abc import Sequence
 
 from stllm_core.errors import InputError
+from stllm_core.model.configuration import PROMPT_STYLES
 
 PREFIX_TOKEN = "<|st_prefix|>"
 IMAGE_PLACEHOLDER = "<image>"
@@ -67,11 +70,21 @@ def clean_text(text: str, tokenizer, max_chars: int | None = None, what: str = "
     return text
 
 
-def build_prompt(tokenizer, question: str, duration: float, frame_times: Sequence[float], num_prefix: int) -> str:
-    """The chat-formatted prompt string (generation prompt included) for an already-cleaned question."""
-    content = f"{PREFIX_TOKEN * num_prefix}\n{time_instruction(duration, frame_times)}\n{question}"
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+def build_prompt(tokenizer, question: str, duration: float, frame_times: Sequence[float], num_prefix: int,
+                 style: str = "full") -> str:
+    """The chat-formatted prompt string (generation prompt included) for an already-cleaned question.
+
+    style "full": prefix, time instruction, question, with the template's default system line; "short": prefix and
+    question, with an empty system line (where the chat template knows a system role).
+    """
+    if style not in PROMPT_STYLES:
+        raise InputError(f"Got {style!r} for the prompt style; expected one of {', '.join(PROMPT_STYLES)}.")
+    parts = [PREFIX_TOKEN * num_prefix, question] if style == "short" else \
+        [PREFIX_TOKEN * num_prefix, time_instruction(duration, frame_times), question]
+    messages = [{"role": "user", "content": "\n".join(parts)}]
+    if style == "short" and "system" in (tokenizer.chat_template or ""):
+        messages.insert(0, {"role": "system", "content": ""})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -100,12 +113,13 @@ def encode_example(
     frame_times: Sequence[float],
     num_prefix: int,
     answer: str | None = None,
+    style: str = "full",
 ) -> tuple[list[int], list[int] | None]:
     """Token ids of the prompt (+ answer + end-of-turn when `answer` is given) and the matching labels.
 
     The question and answer must already be cleaned. Labels are -100 everywhere except the answer and end-of-turn.
     """
-    prompt = build_prompt(tokenizer, question, duration, frame_times, num_prefix)
+    prompt = build_prompt(tokenizer, question, duration, frame_times, num_prefix, style)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if answer is None:
         return list(ids), None
