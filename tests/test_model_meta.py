@@ -24,7 +24,7 @@ def test_llava_video_7b_shapes_and_parameter_counts():
     assert len(model.vision_tower.encoder.layers) == 26
     assert counts["vision_projector"] == 1152 * 3584 + 3584 + 3584 * 3584 + 3584  # LLaVA mlp2x_gelu
     assert 30e6 < counts["aligner"] < 150e6
-    # 127 frequencies as the official code (765 features per 3-vector); direction + position: 2 x 765 -> 768, + LayerNorm
+    # 127 frequencies as the official code (765 features per 3-vector); direction + position: 2 x 765 -> 768, + LN
     assert counts["ray_encoders"] == 2 * (2 * 765 * 768 + 768 + 2 * 768)
     assert model.pooled_grid == 14 and cfg.tokens_per_frame(14) == 196  # 27x27 patches -> 14x14 tokens
 

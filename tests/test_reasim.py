@@ -243,3 +243,99 @@ def test_depth_lies_on_the_scene_boxes(dataset):
         else:
             assert np.abs(sdf).min(axis=1).max() < 0.004
         assert depth.shape == (72, 96) and np.isfinite(depth).mean() > 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every answer is derivable from what the model receives.
+
+@pytest.fixture(scope="module")
+def derivable(tmp_path_factory):
+    """16 kitchens x 1 clip of 12 frames, as the default model's recipe generates them (>= 60 questions per type)."""
+    out = tmp_path_factory.mktemp("reasim_oracle")
+    generate_reasim(out, scenes=16, clips_per_scene=1, frames=12, size=(128, 96), questions_per_type=4, seed=11,
+                    val_fraction=0.0, write_depth=False)
+    return out
+
+
+def smol_processor():
+    """The processor of the default model's recipe (training/configs/stllm-smol.yaml): what the model receives."""
+    import yaml
+
+    from stllm_core.model import config_preset
+    from stllm_core.model.processing import STLLMProcessor
+    from stllm_core.model.tiny import train_tiny_tokenizer
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "training/configs/stllm-smol.yaml").read_text())["model"]
+    return STLLMProcessor(config_preset(recipe["base"], **recipe["overrides"]), train_tiny_tokenizer())
+
+
+def test_oracle_answers_every_type_from_the_model_inputs(derivable):
+    from stllm_core.data.reasim.oracle import oracle_answer
+
+    processor = smol_processor()
+    score: dict[str, list[bool]] = {}
+    wrong = []
+    for r in read_rea_json(derivable / "train.json"):
+        clip = record_to_clip(r, num_frames=processor.config.num_frames)
+        try:
+            pred = oracle_answer(r.question, clip, processor)
+        except ValueError as e:  # the inputs do not show what the answer needs
+            pred = f"<{e}>"
+        ok = score_answer(r.question_type, pred, r.answer)
+        score.setdefault(r.question_type, []).append(ok)
+        if not ok:
+            wrong.append((r.id, r.question, r.answer, pred))
+    acc = {k: sum(v) / len(v) for k, v in score.items()}
+    print("\noracle accuracy from the model's inputs:",
+          {k: f"{100 * a:.1f}% of {len(score[k])}" for k, a in acc.items()})
+    assert len(acc) == 5 and all(len(v) >= 60 for v in score.values()), {k: len(v) for k, v in score.items()}
+    for w in wrong:
+        print("  oracle wrong:", w)
+    assert all(a >= 0.98 for a in acc.values()), acc
+
+
+def test_the_map_is_the_scene_at_the_end_of_the_clip(derivable):
+    """Moved items are in the cloud where the episode left them (none where they were picked up); an item put into a
+    container is not in it; the cap of the default model keeps a voxel of every visible item."""
+    from stllm_core.model.processing import voxelize
+
+    cap = smol_processor().config.max_points
+    for clip_dir in sorted((derivable / "clips").iterdir()):
+        truth = json.loads((clip_dir / "reasim.json").read_text())
+        cf = ClipFolder.read(clip_dir)
+        xyz, rgb = cf.points
+        start = {i["kind"]: i for i in truth["kitchen"]["items"]}
+        for kind, st in truth["episode"]["final_items"].items():
+            size = np.asarray(start[kind]["size"])
+            own = np.all(rgb == np.asarray(start[kind]["color"], np.uint8), axis=1)
+
+            def inside(centre, size=size, own=own, xyz=xyz):  # points of the item's colour within its box
+                return own & np.all(np.abs(xyz - np.asarray(centre)) <= size / 2 + 1e-4, axis=1)
+
+            if st["inside"]:
+                assert not inside(st["position"]).any(), kind
+                continue
+            assert inside(st["position"]).sum() >= 24, kind
+            moved = np.linalg.norm(np.subtract(start[kind]["position"], st["position"])) > 0.3
+            if moved:
+                assert not inside(start[kind]["position"]).any(), kind
+        v, c = voxelize(xyz.astype(np.float64), rgb.astype(np.float64), 0.06, cap)
+        for kind, st in truth["episode"]["final_items"].items():
+            if not st["inside"]:
+                col = np.asarray(start[kind]["color"], float)
+                assert (np.linalg.norm(c - col, axis=1) < 30).any(), (clip_dir.name, kind)
+
+
+def test_colours_name_their_object():
+    """A furniture colour jittered by up to JITTER per channel stays nearest its own kind's base colour."""
+    from stllm_core.data.reasim.scene import DARK_TILE, FLOOR_COLORS, FURNITURE_COLORS, ITEMS, JITTER, WALL_COLORS
+
+    others = [np.array(c, float) for _, c in ITEMS.values()] + [np.array(c, float) for c in WALL_COLORS]
+    others += [np.array(c, float) * s for c in FLOOR_COLORS for s in (1.0, DARK_TILE)]
+    worst = JITTER * math.sqrt(3)
+    for kind, c in FURNITURE_COLORS.items():
+        c = np.array(c, float)
+        for other_kind, o in FURNITURE_COLORS.items():
+            if other_kind != kind:
+                assert np.linalg.norm(c - np.array(o, float)) > 2 * worst, (kind, other_kind)
+        assert min(np.linalg.norm(c - o) for o in others) > 2 * worst, kind

@@ -30,7 +30,7 @@ from stllm_core.types import Frame, Scene
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: per-clip end-of-clip map, reconstruction-like point densities, distinct colours
 
 
 def scene_id_of(scene_index: int) -> str:
@@ -50,6 +50,7 @@ def generate_clip(out_dir: str | Path, seed: int, scene_index: int, clip_index: 
     relative to out_dir) plus counts."""
     from stllm_core.data.reasim.qa import generate_qa
     from stllm_core.data.reasim.render import frame_boxes, intrinsics, render, sample_points
+    from stllm_core.data.reasim.scene import Box
     from stllm_core.data.reasim.trajectory import make_episode
 
     t0 = time.perf_counter()
@@ -64,8 +65,12 @@ def generate_clip(out_dir: str | Path, seed: int, scene_index: int, clip_index: 
         rgb, depth = render(frame_boxes(kitchen, episode, i), K, episode.poses[i], width, height)
         out_frames.append(Frame(stamp=float(episode.stamps[i]), image=rgb, K=K, T_world_cam=episode.poses[i],
                                 depth=depth if write_depth else None))
-    static = kitchen.structure + kitchen.furniture + [it.box() for it in kitchen.items if not it.inside]
-    xyz, rgb = sample_points(static, np.random.default_rng([seed, scene_index, 1_000_003]))
+    # The map the questions see: the kitchen as it is at the end of the clip (items where the episode left them; an
+    # item put into a container is hidden, as in the frames), as a robot's map would hold it when the question comes.
+    final = [Box(k, k, np.asarray(st.position, float), kitchen.item(k).size.copy(), kitchen.item(k).color)
+             for k, st in episode.states[-1].items() if not (st.inside or st.carried)]
+    xyz, rgb = sample_points(kitchen.structure + kitchen.furniture + final,
+                             np.random.default_rng([seed, scene_index, clip_index, 1_000_003]))
     qas = generate_qa(kitchen, episode, np.random.default_rng([seed, scene_index, clip_index, 1]), questions_per_type)
 
     rel = Path("clips") / clip_id

@@ -19,21 +19,23 @@ WALL_THICKNESS = 0.1
 PERSON_RADIUS = 0.3  # metres kept free around the walking person
 GRID = 0.1  # metres per walkability cell
 
-# Distinct base colours per kind (RGB 0-255): the model can learn "tall white box = fridge".
+# Distinct base colours per kind (RGB 0-255): the model can learn "tall white box = fridge". Every furniture colour
+# (jittered by up to +-JITTER per channel) stays nearer its own base colour than any other kind's, item's, wall's or
+# floor's colour (tests/test_reasim.py), so a point's colour names its object.
 FURNITURE_COLORS = {
     "fridge": (232, 232, 238), "sink": (110, 150, 200), "hob": (35, 35, 40), "oven": (205, 95, 40),
-    "microwave": (165, 35, 45), "dishwasher": (150, 150, 125), "counter": (205, 182, 140), "cabinet": (120, 80, 45),
+    "microwave": (165, 35, 45), "dishwasher": (60, 170, 160), "counter": (205, 182, 140), "cabinet": (100, 60, 35),
     "table": (150, 100, 55), "chair": (55, 115, 65),
 }
 # per-kitchen choices for walls and floor (the floor's second tile colour is DARK_TILE times the first)
-WALL_COLORS = ((214, 208, 192), (198, 204, 212), (204, 214, 198), (226, 214, 204))
+WALL_COLORS = ((214, 208, 192), (198, 204, 212), (204, 214, 198), (226, 204, 180))
 FLOOR_COLORS = ((168, 158, 146), (150, 150, 156), (178, 152, 120), (120, 132, 140))
 DARK_TILE = 0.8
 # kind: (size x, y, z in metres, colour)
 ITEMS = {
-    "mug": ((0.09, 0.09, 0.10), (225, 40, 40)), "plate": ((0.24, 0.24, 0.025), (250, 250, 215)),
+    "mug": ((0.09, 0.09, 0.10), (225, 40, 40)), "plate": ((0.24, 0.24, 0.025), (245, 225, 150)),
     "bowl": ((0.16, 0.16, 0.07), (40, 90, 225)), "knife": ((0.25, 0.03, 0.02), (175, 180, 200)),
-    "pan": ((0.28, 0.28, 0.05), (20, 20, 20)), "kettle": ((0.18, 0.15, 0.22), (235, 205, 25)),
+    "pan": ((0.28, 0.28, 0.05), (140, 95, 165)), "kettle": ((0.18, 0.15, 0.22), (235, 205, 25)),
     "cup": ((0.08, 0.08, 0.09), (250, 140, 30)), "bottle": ((0.08, 0.08, 0.28), (30, 165, 90)),
     "jar": ((0.10, 0.10, 0.14), (170, 60, 200)), "sponge": ((0.10, 0.07, 0.04), (160, 220, 40)),
 }
@@ -191,7 +193,10 @@ class Kitchen:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _jitter(color, rng, amount=12) -> tuple[int, int, int]:
+JITTER = 12
+
+
+def _jitter(color, rng, amount=JITTER) -> tuple[int, int, int]:
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)
 
 

@@ -27,6 +27,7 @@ from stllm_core.data.reasim.scene import (
 )
 
 LEVEL_PITCH = math.radians(10.0)  # looking slightly down while walking
+HAND_OFFSET = np.array([0.12, 0.16, 0.38])  # where a carried item is held, camera optical frame (m): lower right
 MIN_FRAMES = {"walk": 2, "look around": 3, "pick up": 2, "put down": 2}
 
 
@@ -142,7 +143,7 @@ class Episode:
     actions: list[Action]
     states: list[dict[str, ItemState]]  # per frame: item kind -> state
     eye_height: float
-    hand_offset: np.ndarray = field(default_factory=lambda: np.array([0.12, 0.16, 0.38]))  # carried item, camera frame
+    hand_offset: np.ndarray = field(default_factory=lambda: HAND_OFFSET.copy())  # carried item, camera frame
 
     @property
     def num_frames(self) -> int:
