@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -39,12 +40,19 @@ def test_forward_shapes_and_loss(tiny):
     # the placeholder positions hold the prefix, the other positions the LM's token embeddings
     torch.testing.assert_close(embeds[inputs.prefix_mask], prefix[0], rtol=0, atol=0)
     out = model(inputs)
-    assert out.logits.shape == (1, inputs.input_ids.shape[1], model.language_model.config.vocab_size)
-    assert out.loss is not None and torch.isfinite(out.loss)
-    # the loss only covers the answer: labels outside it are -100
+    # the loss only covers the answer: labels outside it are -100, and logits are computed only where one is predicted
     n_ans = int((inputs.labels != -100).sum())
     assert n_ans == len(processor.tokenizer("On the table.", add_special_tokens=False)["input_ids"]) + 1
     assert inputs.labels[0, -1] == processor.tokenizer.eos_token_id
+    assert out.logits.shape == (n_ans, model.language_model.config.vocab_size)
+    assert out.loss is not None and torch.isfinite(out.loss)
+    # the same loss as the language model's own over the whole prompt
+    embeds = model.embed_prompt(inputs, model.get_prefix_embeds(inputs))
+    ref = model.language_model(inputs_embeds=embeds, labels=inputs.labels, use_cache=False)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, ref.logits[0, :-1][inputs.labels[0, 1:] != -100], rtol=1e-5, atol=1e-5)
+    full = model(dataclasses.replace(inputs, labels=None))
+    assert full.logits.shape == (1, inputs.input_ids.shape[1], model.language_model.config.vocab_size)
 
 
 def test_backward_reaches_trainable_parts_only(tiny):

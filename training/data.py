@@ -44,6 +44,8 @@ class DataConfig:
         about one span); 0 disables the cache.
     with_points: load the scene point cloud (False: empty scene, e.g. for a video-only ablation).
     limit: use only the first `limit` records (0 = all).
+    ablation: inputs removed from every sample (none | no-video | no-points | no-position | blind, see `ablate`):
+        "blind" trains the question-only baseline, the same model and recipe with nothing of the scene.
     """
 
     train: str = ""
@@ -54,9 +56,11 @@ class DataConfig:
     cache_clips: int = 0
     with_points: bool = True
     limit: int = 0
+    ablation: str = "none"
 
     def __post_init__(self):
         check_choice("data.on_error", self.on_error, ON_ERROR)
+        check_choice("data.ablation", self.ablation, ABLATIONS)
         check(self.num_frames is None or (isinstance(self.num_frames, int) and self.num_frames >= 1),
               "data.num_frames", self.num_frames, "null or an int >= 1")
         check(isinstance(self.cache_clips, int) and self.cache_clips >= 0, "data.cache_clips", self.cache_clips,
@@ -128,10 +132,11 @@ class READataset:
     """
 
     def __init__(self, path: str | Path, processor: Any, config: DataConfig | None = None, *,
-                 with_labels: bool = True, ablation: str = "none"):
+                 with_labels: bool = True, ablation: str | None = None):
         from stllm_core.data import read_rea_json
 
         self.config = config or DataConfig()
+        ablation = self.config.ablation if ablation is None else ablation
         check_choice("ablation", ablation, ABLATIONS)
         self.processor = processor
         self.with_labels = with_labels

@@ -8,7 +8,9 @@ Scores:
   SentenceSim (training.metrics);
 - per-question-type accuracy with the key-fact scorer of REA-Sim (stllm_core.data.reasim.score_answer: exact for
   REA-Sim answers, a strict key-fact match for REA's sentence answers);
-- optionally an LLM judge (training.judge) over an OpenAI-compatible endpoint, accuracy = correct / all judged.
+- optionally an LLM judge (training.judge) over an OpenAI-compatible endpoint, accuracy = correct / all judged;
+- with --rule-train TRAIN_JSON, the rule baseline on the same records (training.baselines.QuestionPrior: the most
+  common training answer of questions like it), scored the same way: what the question alone gives.
 Writes a results JSON (metrics, per-type accuracies, timings, every prediction) and a per-task bar chart PNG.
 Records that cannot be loaded are listed with their id and reason and left out of the scores (never silently).
 """
@@ -43,7 +45,7 @@ class EvalConfig:
     out: str = "results.json"
     chart: str | None = None  # default: <out without .json>.png
     limit: int = 0  # 0 = all records
-    ablation: str = "none"  # none | no-video | no-points | blind
+    ablation: str = "none"  # none | no-video | no-points | no-position | blind
     device: str = "auto"
     dtype: str = "float32"
     backend: str = "eager"
@@ -55,6 +57,7 @@ class EvalConfig:
     tokenizer: str = "ptb"
     judge: dict[str, Any] | None = None  # JudgeConfig fields; None = no judge
     on_error: str = "skip"
+    rule_train: str | None = None  # REA JSON the rule baseline learns its answers from (None = no rule baseline)
     extra: dict[str, Any] = field(default_factory=dict)  # copied into the results (e.g. the run name)
 
     def __post_init__(self):
@@ -131,15 +134,29 @@ def evaluate(cfg: EvalConfig, pipeline=None, progress: bool = True,
     else:
         lang = {m: math.nan for m in M.METRIC_NAMES}
 
-    accuracy = None
-    if cfg.scorer != "none":
+    def per_type(key: str) -> dict[str, Any]:
         tallies: dict[str, Tally] = {"overall": Tally()}
         for r in rows:
-            tallies["overall"].add(r["correct"])
-            tallies.setdefault(r["question_type"], Tally()).add(r["correct"])
-        accuracy = {k: t.as_dict() for k, t in tallies.items()}
-        types = [k for k in accuracy if k != "overall"]
-        accuracy["mean_per_type"] = _mean([accuracy[k]["accuracy"] for k in types])
+            tallies["overall"].add(r[key])
+            tallies.setdefault(r["question_type"], Tally()).add(r[key])
+        acc = {k: t.as_dict() for k, t in tallies.items()}
+        acc["mean_per_type"] = _mean([acc[k]["accuracy"] for k in acc if k != "overall"])
+        return acc
+
+    accuracy, baselines = None, {}
+    if cfg.scorer != "none":
+        from stllm_core.data import score_answer
+
+        accuracy = per_type("correct")
+        if cfg.rule_train:
+            from training.baselines import QuestionPrior
+
+            prior = QuestionPrior(read_rea_json(cfg.rule_train, on_error="skip", root=cfg.root))
+            by_id = {rec.id: rec for rec in records}
+            for r in rows:
+                r["rule_prediction"] = prior.answer(by_id[r["id"]].question, r["question_type"])
+                r["rule_correct"] = bool(score_answer(r["question_type"], r["rule_prediction"], r["reference"]))
+            baselines["rule"] = {"train": str(cfg.rule_train), "accuracy": per_type("rule_correct")}
 
     judge_out = None
     if judge_client is not None and rows:
@@ -160,6 +177,7 @@ def evaluate(cfg: EvalConfig, pipeline=None, progress: bool = True,
         "skipped_on_read": skipped_on_read,
         "language_metrics": lang,
         "accuracy": accuracy,
+        "baselines": baselines,
         "judge": judge_out,
         "timing": {"wall_s": elapsed, "mean_encode_ms": _mean([r["encode_ms"] for r in rows]),
                    "mean_prefill_ms": _mean([r["prefill_ms"] for r in rows]),
@@ -199,6 +217,8 @@ def plot_per_task(results: dict[str, Any], path: str | Path) -> Path:
     series: list[tuple[str, dict[str, Any]]] = []
     if results.get("accuracy"):
         series.append(("key-fact scorer", results["accuracy"]))
+    for name, b in (results.get("baselines") or {}).items():
+        series.append((f"{name} baseline (question only)", b["accuracy"]))
     if results.get("judge"):
         series.append((f"judge ({results['judge']['model']})", results["judge"]["accuracy"]))
     types = sorted({k for _, acc in series for k in acc if k not in ("overall", "mean_per_type")})
@@ -242,6 +262,10 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         acc = results["accuracy"]
         lines.append("accuracy " + "  ".join(f"{k} {f(v['accuracy'])}" for k, v in acc.items() if isinstance(v, dict))
                      + f"  mean_per_type {f(acc['mean_per_type'])}")
+    for name, b in (results.get("baselines") or {}).items():
+        acc = b["accuracy"]
+        parts = [f"{k} {f(v['accuracy'])}" for k, v in acc.items() if isinstance(v, dict)]
+        lines.append(f"{name} baseline " + "  ".join(parts) + f"  mean_per_type {f(acc['mean_per_type'])}")
     if results.get("judge"):
         lines.append(f"judge overall {f(results['judge']['accuracy']['overall']['accuracy'])}")
     return lines
@@ -259,7 +283,10 @@ def main(argv: list[str] | None = None, pipeline_factory: Callable | None = None
     abl.add_argument("--no-video", dest="ablation", action="store_const", const="no-video",
                      help="black frames (poses kept)")
     abl.add_argument("--no-points", dest="ablation", action="store_const", const="no-points", help="empty scene")
-    abl.add_argument("--blind", dest="ablation", action="store_const", const="blind", help="no video and no points")
+    abl.add_argument("--no-position", dest="ablation", action="store_const", const="no-position",
+                     help="every camera centre moved to the first camera's (orientations kept)")
+    abl.add_argument("--blind", dest="ablation", action="store_const", const="blind",
+                     help="black frames, no points, every pose the first one: the question alone")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--backend", default="eager", choices=["eager", "compiled", "tensorrt"])
@@ -273,6 +300,8 @@ def main(argv: list[str] | None = None, pipeline_factory: Callable | None = None
     p.add_argument("--judge-base-url", default="https://api.openai.com/v1")
     p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="env var holding the key ('' = none)")
     p.add_argument("--on-error", default="skip", choices=["skip", "raise"])
+    p.add_argument("--rule-train", help="training REA JSON for the rule baseline (the most common answer of questions "
+                                        "like each one); scored on the same records")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(ablation="none")
@@ -288,7 +317,7 @@ def main(argv: list[str] | None = None, pipeline_factory: Callable | None = None
                          limit=args.limit, ablation=args.ablation, device=args.device, dtype=args.dtype,
                          backend=args.backend, max_new_tokens=args.max_new_tokens, seed=args.seed,
                          scorer=args.scorer, meteor=not args.no_meteor, sentence_sim=not args.no_sentence_sim,
-                         tokenizer=args.tokenizer, judge=judge, on_error=args.on_error)
+                         tokenizer=args.tokenizer, judge=judge, on_error=args.on_error, rule_train=args.rule_train)
         pipeline = pipeline_factory(cfg) if pipeline_factory else None
         results = evaluate(cfg, pipeline=pipeline, progress=not args.no_progress)
     except STLLMError as e:

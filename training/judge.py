@@ -131,8 +131,17 @@ class Tally:
         """correct / (correct + wrong + invalid) in percent; NaN when empty."""
         return 100.0 * self.correct / self.total if self.total else float("nan")
 
+    @property
+    def stderr(self) -> float:
+        """Standard error of the accuracy (binomial), in percentage points; NaN when empty."""
+        if not self.total:
+            return float("nan")
+        p = self.correct / self.total
+        return 100.0 * (p * (1 - p) / self.total) ** 0.5
+
     def as_dict(self) -> dict:
-        return {"correct": self.correct, "wrong": self.wrong, "invalid": self.invalid, "accuracy": self.accuracy}
+        return {"correct": self.correct, "wrong": self.wrong, "invalid": self.invalid, "accuracy": self.accuracy,
+                "stderr": self.stderr}
 
 
 @dataclass

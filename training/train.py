@@ -110,6 +110,8 @@ class TrainSection:
     seed: int = 0
     deterministic: bool = False  # torch deterministic algorithms: bit-exact reruns/resumes (some ops get slower)
     val_loss_limit: int = 64  # val records for the end-of-run loss in the model card (0 = all, -1 = none)
+    lm_loss: bool = True  # the language-model loss on the answer tokens; false: only the auxiliary loss (no LM pass)
+    aux_loss: float = 0.0  # weight of the key-term loss on the prefix (training/aux.py); 0 = off
 
     def __post_init__(self):
         check_choice("train.precision", self.precision, PRECISIONS)
@@ -124,6 +126,9 @@ class TrainSection:
         check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "a float in [0, 1]")
         check(self.epochs > 0 or self.max_steps > 0, "train.epochs", self.epochs, "> 0 (or set train.max_steps)")
         check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
+        check(self.aux_loss >= 0, "train.aux_loss", self.aux_loss, ">= 0 (0 = off)")
+        check(self.lm_loss or self.aux_loss > 0, "train.lm_loss", self.lm_loss, "true when train.aux_loss is 0 "
+              "(else nothing is trained)")
         self.betas = tuple(float(b) for b in self.betas)
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", self.betas,
               "two floats in [0, 1)")
@@ -428,11 +433,39 @@ class TrainResult:
     val_loss: float | None = None
 
 
-def _micro_loss(model, batch, device):
-    out = model(batch.to(device))
-    if out.loss is None:
-        raise STLLMError("The model returned no loss: the batch has no labels.")
-    return out.loss
+class Objective(torch.nn.Module):
+    """What one micro-step minimises: the LM loss on the answer tokens and/or the key-term loss on the prefix
+    (training/aux.py). Holds the model and the key-term head, so that one module goes through accelerate."""
+
+    def __init__(self, model, tokenizer, tc: TrainSection):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.lm_loss, self.aux_weight = tc.lm_loss, tc.aux_loss
+        self.aux_head = None
+        if tc.aux_loss > 0:
+            from training.aux import KeyTermHead
+
+            lm_hidden = model.language_model.get_input_embeddings().weight.shape[1]
+            self.aux_head = KeyTermHead(model.config.num_queries, lm_hidden, model.config.initializer_range)
+
+    def forward(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if batch.labels is None:
+            raise STLLMError("The batch has no labels: nothing to train on.")
+        prefix = self.model.get_prefix_embeds(batch)
+        loss, stats = torch.zeros((), device=prefix.device), {}
+        if self.lm_loss:
+            stats["lm_loss"] = self.model(batch, prefix=prefix).loss
+            loss = loss + stats["lm_loss"]
+        if self.aux_head is not None:
+            from training.aux import answer_texts, key_terms
+
+            targets = torch.tensor([key_terms(a) for a in answer_texts(self.tokenizer, batch.labels)],
+                                   device=prefix.device)
+            stats["aux_loss"], right = self.aux_head.loss(prefix, targets)
+            stats["aux_acc"] = right.all(dim=1).float().mean()
+            loss = loss + self.aux_weight * stats["aux_loss"]
+        return loss, stats
 
 
 def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
@@ -487,7 +520,7 @@ def _train(cfg: RunConfig, accelerator, *, resume: bool, stop_after: int | None,
         (out_dir / "config.yaml").write_text(_to_yaml(cfg.to_dict()))
 
     model, processor = build_base(cfg.model)
-    model = prepare_model(model, cfg)
+    model = Objective(prepare_model(model, cfg), processor.tokenizer, tc)
     model.to(accelerator.device)
     dataset = READataset(cfg.data.train, processor, cfg.data)
     if len(dataset) == 0:
@@ -542,12 +575,13 @@ def _train(cfg: RunConfig, accelerator, *, resume: bool, stop_after: int | None,
         model.train()
         while step < last:
             t0 = time.perf_counter()
-            micro_losses = []
+            micro_losses, micro_stats = [], []
             for _ in range(tc.grad_accum):
                 batch = batches.next()
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        loss = _micro_loss(model, batch, accelerator.device)
+                        loss, stats = model(batch.to(accelerator.device))
+                    micro_stats.append({k: v.detach().float() for k, v in stats.items()})
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and tc.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, tc.max_grad_norm)
@@ -569,8 +603,11 @@ def _train(cfg: RunConfig, accelerator, *, resume: bool, stop_after: int | None,
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/samples_per_s", sps, step)
                 writer.add_scalar("train/skipped_records", len(batches.skipped), step)
+                extra = {k: float(torch.stack([m[k] for m in micro_stats]).mean()) for k in micro_stats[0]}
+                for k, v in extra.items():
+                    writer.add_scalar(f"train/{k}", v, step)
                 log_file.write(json.dumps({"step": step, "loss": step_loss, "lr": lr, "samples_per_s": sps,
-                                           "samples": samples}) + "\n")
+                                           "samples": samples, **extra}) + "\n")
                 log_file.flush()
             if (tc.save_every and step % tc.save_every == 0) or step == last:
                 _checkpoint(accelerator, out_dir, model, optimizer, scheduler, cursor, step, samples, total_steps,
@@ -589,7 +626,7 @@ def _train(cfg: RunConfig, accelerator, *, resume: bool, stop_after: int | None,
                     n_skipped_read, len(skipped))
     result = TrainResult(out_dir, step, losses, samples, skipped, None, sps_total)
     if step >= total_steps and export:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = accelerator.unwrap_model(model).model
         if cfg.data.val and tc.val_loss_limit >= 0:
             result.val_loss = validation_loss(unwrapped, processor, cfg, accelerator)
         if is_main:

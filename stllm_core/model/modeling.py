@@ -20,6 +20,7 @@ from stllm_core.model.aligner import QFormerAligner
 from stllm_core.model.configuration import BACKBONES, PARTS, STLLMConfig
 from stllm_core.model.point_encoder import PointEncoder
 from stllm_core.model.processing import ModelInputs
+from stllm_core.model.prompt import IGNORE_INDEX
 from stllm_core.model.rays import RayEncoder
 
 
@@ -38,7 +39,7 @@ class VisionProjector(nn.Module):
 
 @dataclass
 class STLLMOutput:
-    logits: torch.Tensor  # (B, L, vocab)
+    logits: torch.Tensor  # (B, L, vocab) without labels; (N, vocab) at the N predicted answer tokens with labels
     loss: torch.Tensor | None = None
 
 
@@ -176,9 +177,20 @@ class STLLMForConditionalGeneration(nn.Module):
         return emb.masked_scatter(where[..., None], prefix.to(emb.dtype))
 
     # --- step 3: language model ------------------------------------------------------------------------------
-    def forward(self, inputs: ModelInputs) -> STLLMOutput:
-        prefix = self.get_prefix_embeds(inputs)  # (B, Nq, D)
+    def forward(self, inputs: ModelInputs, prefix: torch.Tensor | None = None) -> STLLMOutput:
+        """Logits over the whole prompt; with labels, the mean cross-entropy of the answer tokens, and the vocabulary
+        projection computed only where a label is predicted (the prompt's logits are never needed for the loss: on a
+        small LM with a large vocabulary they are a fifth of the step). `prefix`: get_prefix_embeds(inputs) when the
+        caller has it already."""
+        prefix = self.get_prefix_embeds(inputs) if prefix is None else prefix  # (B, Nq, D)
         embeds = self.embed_prompt(inputs, prefix)  # (B, L, D)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=inputs.attention_mask, labels=inputs.labels,
-                                  use_cache=False)
-        return STLLMOutput(logits=out.logits, loss=out.loss)
+        lm = self.language_model
+        if inputs.labels is None or getattr(lm.config.get_text_config(), "final_logit_softcapping", None):
+            out = lm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, labels=inputs.labels, use_cache=False)
+            return STLLMOutput(logits=out.logits, loss=out.loss)
+        hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
+                                  use_cache=False).last_hidden_state  # (B, L, D)
+        targets = inputs.labels[:, 1:]  # position t predicts token t + 1
+        where = targets != IGNORE_INDEX  # (B, L - 1)
+        logits = lm.get_output_embeddings()(hidden[:, :-1][where])  # (N, vocab)
+        return STLLMOutput(logits=logits, loss=F.cross_entropy(logits.float(), targets[where]))
