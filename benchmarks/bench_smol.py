@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("model", "blind", "no-video", "no-points")
+VARIANTS = ("model", "no-video", "no-points", "no-position", "question-only")
 
 
 def machine() -> str:
@@ -58,27 +58,46 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarize(eval_dir: Path, write: Path | None) -> dict:
-    """Per-type accuracy table from the stllm-eval results JSONs of scripts/train_smol.sh."""
+    """Per-type accuracy table from the stllm-eval results JSONs of scripts/train_smol.sh: the model, its ablations,
+    the question-only model and the rule baseline (from model.json), the stronger question-only baseline per type and
+    the model's margin over it, with the standard error of each accuracy."""
     table: dict[str, dict[str, float]] = {}
+    stderr: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
+
+    def add(name: str, acc: dict) -> None:
+        table[name] = {k: v["accuracy"] for k, v in acc.items() if isinstance(v, dict)}
+        table[name]["mean_per_type"] = acc["mean_per_type"]
+        stderr[name] = {k: v.get("stderr", float("nan")) for k, v in acc.items() if isinstance(v, dict)}
+
     for variant in VARIANTS:
         path = eval_dir / f"{variant}.json"
         if not path.is_file():
             continue
         res = json.loads(path.read_text())
-        acc = res["accuracy"]
-        table[variant] = {k: v["accuracy"] for k, v in acc.items() if isinstance(v, dict)}
-        table[variant]["mean_per_type"] = acc["mean_per_type"]
-        counts = {k: v["correct"] + v["wrong"] + v["invalid"] for k, v in acc.items() if isinstance(v, dict)}
-    if not table:
-        raise SystemExit(f"no stllm-eval results ({', '.join(v + '.json' for v in VARIANTS)}) in {eval_dir}")
-    types = [k for k in next(iter(table.values())) if k not in ("overall", "mean_per_type")]
+        add(variant, res["accuracy"])
+        if variant == "model":
+            counts = {k: v["correct"] + v["wrong"] + v["invalid"] for k, v in res["accuracy"].items()
+                      if isinstance(v, dict)}
+            for name, b in (res.get("baselines") or {}).items():
+                add(name, b["accuracy"])
+    if "model" not in table:
+        raise SystemExit(f"no stllm-eval results of the model (model.json) in {eval_dir}")
+    types = [k for k in table["model"] if k not in ("overall", "mean_per_type")]
+    baselines = [b for b in ("question-only", "rule") if b in table]
+    if baselines:
+        table["best baseline"] = {t: max(table[b][t] for b in baselines) for t in [*types, "overall"]}
+        table["best baseline"]["mean_per_type"] = sum(table["best baseline"][t] for t in types) / len(types)
+        table["margin"] = {t: table["model"][t] - table["best baseline"][t] for t in table["best baseline"]}
     rows = [*types, "overall", "mean_per_type"]
-    print(f"{'accuracy %':24s}" + "".join(f"{v:>11s}" for v in table) + f"{'n':>6s}")
+    print(f"{'accuracy %':22s}" + "".join(f"{v:>15s}" for v in table) + f"{'n':>6s}")
     for r in rows:
-        print(f"{r:24s}" + "".join(f"{table[v].get(r, float('nan')):11.1f}" for v in table)
-              + f"{counts.get(r, ''):>6}")
-    out = {"accuracy_percent": table, "records": counts, "source": str(eval_dir)}
+        cells = []
+        for v in table:
+            se = stderr.get(v, {}).get(r)
+            cells.append(f"{table[v].get(r, float('nan')):7.1f}" + (f" +-{se:4.1f}" if se == se and se else " " * 7))
+        print(f"{r:22s}" + "".join(f"{c:>15s}" for c in cells) + f"{counts.get(r, ''):>6}")
+    out = {"accuracy_percent": table, "stderr_percent": stderr, "records": counts, "source": str(eval_dir)}
     if write is not None:
         write.write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {write}")
@@ -162,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs of the forced 32-token answer (median)")
     ap.add_argument("--questions", type=int, default=20, help="questions for the service p50/p95")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--summarize", type=Path, help="directory of stllm-eval results (model/blind/no-video/no-points)")
+    ap.add_argument("--summarize", type=Path,
+                    help="directory of stllm-eval results (model, no-video, no-points, no-position, question-only)")
     ap.add_argument("--write", type=Path, help="with --summarize: write the table as JSON here")
     args = ap.parse_args(argv)
     if args.summarize:

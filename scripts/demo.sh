@@ -23,7 +23,7 @@ BAG=$DEMO/kitchen_demo
 if [ ! -f "$BAG/metadata.yaml" ]; then
   say "generating the demo bag (REA-Sim kitchen, seed 7) -> $BAG"
   rm -rf "$DEMO"
-  stllm-reasim --out "$DEMO/reasim" --scenes 1 --clips-per-scene 1 --frames 32 --size 320x240 \
+  stllm-reasim --out "$DEMO/reasim" --scenes 1 --clips-per-scene 1 --frames 12 --size 256x192 \
     --questions-per-type 1 --seed 7 --workers 1 -q >/dev/null
   stllm-clip2bag "$DEMO/reasim/clips/kitchen_0000_c00" "$BAG" --fps 4 --compress -q
 fi
@@ -33,8 +33,10 @@ say "starting the stack (stllm-run) and replaying $BAG at 1x; log: $RUNLOG"
 EXTRA=()
 # the untrained tiny model's greedy answer is empty (one repeated newline): sample so that the plumbing shows text
 [ "$MODEL" = tiny-random ] && EXTRA=(--param temperature:=1.0)
-stllm-run --bag "$BAG" --param "model:=$MODEL" "${EXTRA[@]}" --param perception.depth_topic:=/camera/depth/image_raw \
-  --param perception.points_topic:=/scene/points >"$RUNLOG" 2>&1 &
+# The map is the bag's scene cloud (/scene/points, the clip's reconstruction, as the model was trained on); the bag's
+# depth images are not integrated (a dense depth map is not what stllm-smol saw in training).
+stllm-run --bag "$BAG" --param "model:=$MODEL" "${EXTRA[@]}" --param perception.points_topic:=/scene/points \
+  >"$RUNLOG" 2>&1 &
 RUN_PID=$!
 trap 'kill -INT $RUN_PID 2>/dev/null || true; wait $RUN_PID 2>/dev/null || true' EXIT
 
@@ -51,9 +53,11 @@ python - "$BAG" <<'PY'
 import json, subprocess, sys
 from pathlib import Path
 
+from stllm_core.data import score_answer
+
 bag = Path(sys.argv[1])
 records = json.loads(Path(f"{bag}_qa.json").read_text())
-seen, failures = set(), 0
+seen, failures, right, asked = set(), 0, 0, 0
 for rec in records:
     qtype = rec["metadata"]["question_type"]
     if qtype in seen:
@@ -69,13 +73,16 @@ for rec in records:
     res = json.loads(out.stdout)
     print(f"\n[{qtype}] Q: {question}")
     if res["success"]:
-        print(f"  answer:   {res['answer']}")
+        ok = score_answer(qtype, res["answer"], expected)
+        right, asked = right + ok, asked + 1
+        print(f"  answer:   {res['answer']}   [{'RIGHT' if ok else 'WRONG'}]")
     else:
         print(f"  refused:  {res['error']}")
         failures += 1
     print(f"  expected: {expected}")
     print(f"  clip {res['num_frames']} frames / {res['num_points']} points; encode {res['encode_ms']:.0f} ms, "
           f"prefill {res['prefill_ms']:.0f} ms, decode {res['decode_ms']:.0f} ms, {res['num_tokens']} tokens")
+print(f"\n{right} of {asked} answers right (scored by stllm_core.data.score_answer against the expected answer)")
 sys.exit(1 if failures else 0)
 PY
 say "done"

@@ -70,6 +70,34 @@ def test_reasim_references_score_full_marks(tmp_path):
     assert res["language_metrics"]["BLEU-1"] == pytest.approx(100.0)
 
 
+def test_rule_baseline_answers_from_the_question_alone(tmp_path):
+    from types import SimpleNamespace
+
+    from stllm_core.data import generate_reasim
+    from training.baselines import QuestionPrior
+
+    def rec(q, a, t="furniture_affordance"):
+        return SimpleNamespace(question=q, answer=a, question_type=t)
+
+    heat = "Which of these would the person use to heat up leftovers: the {}?"
+    prior = QuestionPrior([rec(heat.format("sink, the hob or the fridge"), "the hob")] * 5
+                          + [rec(heat.format("table, the microwave or the sink"), "the microwave")] * 5
+                          + [rec("Is it left?", "yes", "relative_direction")] * 3, min_count=5)
+    assert prior.answer(heat.format("fridge, the sink or the hob"), "furniture_affordance") == "the hob"  # any order
+    assert prior.answer(heat.format("microwave, the table or the sink"), "furniture_affordance") == "the microwave"
+    assert prior.answer("Something else?", "relative_direction") == "yes"  # the type's majority
+    generate_reasim(tmp_path / "rs", scenes=3, clips_per_scene=1, frames=8, size=(64, 48), questions_per_type=2,
+                    write_depth=False, val_fraction=0.34)
+    train, val = tmp_path / "rs" / "train.json", tmp_path / "rs" / "val.json"
+    cfg = ev.EvalConfig(data=str(val), out=str(tmp_path / "o.json"), meteor=False, sentence_sim=False,
+                        tokenizer="simple", rule_train=str(train))
+    res = ev.evaluate(cfg, pipeline=OraclePipeline(val), progress=False)
+    rule = res["baselines"]["rule"]["accuracy"]
+    assert 0 <= rule["overall"]["accuracy"] <= 100 and rule["overall"]["stderr"] >= 0
+    assert all("rule_prediction" in r for r in res["predictions"])
+    assert any(line.startswith("rule baseline") for line in ev.summary_lines(res))
+
+
 def test_failed_records_are_listed(smoke, tmp_path):
     records = json.loads(smoke.read_text())
     broken = dict(records[0], id="no-frames", query_start_frame=500)

@@ -20,7 +20,7 @@ from stllm_core.errors import ModelLoadError
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "stllm-smol"
 WEIGHTS = MODEL_DIR / "model.safetensors"
-RECIPE = ROOT / "training" / "configs" / "stllm-smol.yaml"
+RECIPE = ROOT / "training" / "configs" / "stllm-smol-scene.yaml"  # stage 1 holds the architecture
 
 
 def _wheel_cached() -> bool:
@@ -76,7 +76,8 @@ def test_recipe_builds_the_shipped_architecture():
     shipped = json.loads((MODEL_DIR / "config.json").read_text())["config"]
     recipe = config_preset(run.model.base, **run.model.overrides).to_dict()
     for key in ("vision", "llm", "num_frames", "image_size", "pool", "num_queries", "max_points", "point_width",
-                "point_layers", "aligner_layers", "aligner_hidden", "ray_num_freqs"):
+                "point_layers", "point_knn", "aligner_layers", "aligner_hidden", "ray_num_freqs", "ray_encoding",
+                "prompt_style"):
         assert shipped[key] == recipe[key], key
 
 
@@ -98,6 +99,41 @@ def test_answers_a_reasim_question_offline(pipe, reasim, qtype, request):
     else:
         assert words & {"counter", "table", "sink", "hob", "fridge", "microwave", "cabinet", "oven", "dishwasher",
                         "chair"}, ans.text
+
+
+def test_the_shipped_prefix_reads_the_scene(pipe, reasim, request):
+    """Distinct prefix tokens, and each input moves the prefix: other frames, another map, the cameras' positions
+    (the no-position ablation), another question."""
+    for mark in _slow_if_cold:
+        request.node.add_marker(mark)
+    import torch
+
+    from stllm_core.data import record_to_clip
+    from stllm_core.types import Clip
+    from training.data import ablate
+
+    model, processor = pipe.model, pipe.processor
+
+    def prefix(question, clip):
+        with torch.no_grad():
+            return model.get_prefix_embeds(processor(question, clip))[0]
+
+    recs = [r for r in reasim if r.question_type == "relative_direction"][:2] + \
+        [r for r in reasim if r.question_type == "find_my_item"][:2]
+    clips = [record_to_clip(r, num_frames=pipe.num_frames) for r in recs]
+    other = clips[-1] if recs[0].scene_id != recs[-1].scene_id else clips[1]
+    for rec, clip in zip(recs[:2], clips[:2]):
+        base = prefix(rec.question, clip)
+        p = torch.nn.functional.normalize(base, dim=-1)
+        assert float((p @ p.T)[~torch.eye(len(p), dtype=torch.bool)].max()) < 0.9
+        frames = tuple(type(f)(f.stamp, o.image, f.K, f.T_world_cam) for f, o in zip(clip.frames, other.frames))
+        changed = {"frames": prefix(rec.question, Clip(frames, clip.scene)),
+                   "points": prefix(rec.question, Clip(clip.frames, other.scene)),
+                   "camera positions": prefix(rec.question, ablate(clip, "no-position")),
+                   "question": prefix(recs[2].question, clip)}
+        for what, q in changed.items():
+            rel = float((q - base).norm() / base.norm())
+            assert rel > 0.05, (what, rel)
 
 
 @pytest.fixture

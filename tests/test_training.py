@@ -93,6 +93,38 @@ def test_lora_trains_adapters_and_export_merges(smoke, tmp_path):
     assert "LoRA: r=4" in (res.export_dir / "README.md").read_text()
 
 
+def test_key_term_loss_alone_then_with_the_lm_and_a_blind_baseline(smoke, tmp_path):
+    """Stage 1 trains the prefix on the key-term loss without an LM pass (the LM's weights get no gradient), exports a
+    model that stage 2 starts from; the question-only (blind) run trains on the same records with nothing of the
+    scene, which the logged answers' key terms do not need."""
+    from safetensors.torch import load_file
+
+    from training.aux import SLOTS, key_terms
+
+    assert key_terms("no, the fridge was to the left and the mug was behind") == [
+        2, 1 + SLOTS["direction"].index("left"), 1 + SLOTS["direction2"].index("behind"), 0,
+        1 + SLOTS["furniture"].index("fridge"), 1 + SLOTS["item"].index("mug"), 0]
+    s1 = tr.train(_cfg(smoke, tmp_path / "s1", max_steps=4, lm_loss=False, aux_loss=1.0), progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "s1" / "train_log.jsonl").read_text().splitlines()]
+    assert all("aux_loss" in r and "lm_loss" not in r for r in logged)
+    ckpt = load_file(str(tr.list_checkpoints(tmp_path / "s1")[-1] / "trainable.safetensors"))
+    assert any(k.startswith("aux_head.") for k in ckpt) and not any(".language_model." in k for k in ckpt)
+    cfg = _cfg(smoke, tmp_path / "s2", max_steps=2, aux_loss=0.5)
+    cfg.model = tr.ModelSection(base=str(s1.export_dir))
+    s2 = tr.train(cfg, progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "s2" / "train_log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["lm_loss"]) and math.isfinite(r["aux_loss"]) for r in logged)
+    assert s2.export_dir is not None and not any(k.startswith("aux_head") for k in
+                                                 load_file(str(s2.export_dir / "model.safetensors")))
+    cfg = _cfg(smoke, tmp_path / "blind", max_steps=2)
+    cfg.data.ablation = "blind"
+    assert math.isfinite(tr.train(cfg, progress=False).losses[-1])
+    with pytest.raises(ConfigError, match="train.lm_loss"):
+        _cfg(smoke, tmp_path / "x", lm_loss=False)  # nothing to train
+    with pytest.raises(ConfigError, match="data.ablation"):
+        tr.RunConfig.from_dict({"data": {"ablation": "deaf"}})
+
+
 def test_bf16_autocast_and_gradient_checkpointing(smoke, tmp_path):
     from stllm_core.model import load_pretrained
 

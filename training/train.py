@@ -38,7 +38,7 @@ import torch
 
 from stllm_core.config import check, check_choice, from_dict
 from stllm_core.errors import ConfigError, DataError, STLLMError
-from training.data import DataConfig, READataset, SkippedSample, collate_or_skip
+from training.data import ABLATIONS, DataConfig, READataset, SkippedSample, collate_or_skip
 
 log = logging.getLogger(__name__)
 
@@ -669,18 +669,21 @@ def _checkpoint(accelerator, out_dir, model, optimizer, scheduler, cursor, step,
 
 @torch.no_grad()
 def validation_loss(model, processor, cfg: RunConfig, accelerator=None) -> float | None:
-    """Mean teacher-forced loss over (the first val_loss_limit records of) data.val."""
-    dcfg = dataclasses.replace(cfg.data, limit=cfg.train.val_loss_limit if cfg.train.val_loss_limit > 0 else 0)
+    """Mean teacher-forced loss over val_loss_limit records of data.val spread evenly over the file (so over every
+    validation kitchen, not the first one), or all of them (0)."""
     try:
-        ds = READataset(cfg.data.val, processor, dcfg)
+        ds = READataset(cfg.data.val, processor, dataclasses.replace(cfg.data, limit=0))
     except DataError as e:
         log.warning("validation loss skipped: %s", e)
         return None
+    limit = cfg.train.val_loss_limit
+    indices = range(len(ds)) if limit <= 0 or limit >= len(ds) else \
+        sorted(set(np.linspace(0, len(ds) - 1, limit).round().astype(int).tolist()))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, n = 0.0, 0
-    for i in range(len(ds)):
+    for i in indices:
         item = ds[i]
         if isinstance(item, SkippedSample):
             continue
@@ -775,6 +778,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-after", type=int, help="stop after this many total steps (schedule unchanged)")
     p.add_argument("--train-data", help="REA JSON to train on (overrides data.train)")
     p.add_argument("--val-data", help="REA JSON for the validation loss (overrides data.val)")
+    p.add_argument("--base", help="preset or model directory to start from (overrides model.base)")
+    p.add_argument("--ablation", choices=ABLATIONS, help="inputs removed from every training sample (overrides "
+                                                          "data.ablation; blind = the question-only baseline)")
     p.add_argument("--no-export", action="store_true", help="do not write <out>/model at the end (benchmarks)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -794,6 +800,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.train = args.train_data
         if args.val_data:
             cfg.data.val = args.val_data
+        if args.base:
+            cfg.model.base = args.base
+        if args.ablation:
+            cfg.data.ablation = args.ablation
         res = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
                     export=not args.no_export)
     except STLLMError as e:

@@ -3,6 +3,9 @@
 Sequence (self-attention):  [queries (Nq) | image tokens (T*S) | question tokens (Q)]
 Memory (cross-attention):   [a learned "null" token | point tokens (P)]   (the null token keeps the softmax defined
                             when the cloud is empty: an empty cloud simply means the queries read nothing)
+Only the queries cross-attend to the memory (as BLIP-2's Q-Former queries read the image; the official ST-LLM lets
+the whole sequence do it): image and question tokens reach the points through the queries. The memory is projected
+to keys and values once, and every layer reads the same ones. Both keep the thousands of point tokens cheap.
 
 Every stream's content is layer-normalised before its encodings are added, so that no stream drowns another:
     image token    = LN(image_in(patch feature)) + ray encoding (itself layer-normalised) + frame + type embedding
@@ -23,21 +26,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def split_heads(x: torch.Tensor, heads: int, hidden: int) -> torch.Tensor:
+    """(B, M, n * hidden) -> n x (B, heads, M, hidden / heads)."""
+    B, M, _ = x.shape
+    return x.view(B, M, -1, heads, hidden // heads).permute(2, 0, 3, 1, 4)
+
+
 class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int):
+    """Multi-head attention of x over keys/values (self-attention: `kv` projects x itself; cross-attention: the
+    aligner projects the point memory once and every layer reads the same keys and values)."""
+
+    def __init__(self, hidden: int, heads: int, own_kv: bool = True):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(hidden, hidden)
-        self.kv = nn.Linear(hidden, 2 * hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden) if own_kv else None
         self.o = nn.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor, mem: torch.Tensor, mem_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
-        M = mem.shape[1]
-        q = self.q(x).view(B, L, self.heads, C // self.heads).transpose(1, 2)  # (B, h, L, c)
-        k, v = self.kv(mem).view(B, M, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 2 x (B, h, M, c)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mem_mask[:, None, None, :])  # (B, h, L, c)
+        q = split_heads(self.q(x), self.heads, C)[0]  # (B, h, L, c)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (B, h, L, c)
         return self.o(y.transpose(1, 2).reshape(B, L, C))
+
+    def self_attention(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        k, v = split_heads(self.kv(x), self.heads, x.shape[-1])
+        return self(x, k, v, mask)
 
 
 class AlignerLayer(nn.Module):
@@ -46,15 +60,17 @@ class AlignerLayer(nn.Module):
         self.norm1 = nn.LayerNorm(hidden)
         self.self_attn = Attention(hidden, heads)
         self.norm2 = nn.LayerNorm(hidden)
-        self.cross_attn = Attention(hidden, heads)
+        self.cross_attn = Attention(hidden, heads, own_kv=False)
         self.norm3 = nn.LayerNorm(hidden)
         inner = int(hidden * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Linear(inner, hidden))
 
-    def forward(self, x: torch.Tensor, x_mask: torch.Tensor, mem: torch.Tensor, mem_mask: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.self_attn(h, h, x_mask)
-        x = x + self.cross_attn(self.norm2(x), mem, mem_mask)
+    def forward(self, x: torch.Tensor, x_mask: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
+                mem_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+        x = x + self.self_attn.self_attention(self.norm1(x), x_mask)
+        q = x[:, :num_queries]  # only the queries read the points (as BLIP-2's Q-Former reads the image)
+        q = q + self.cross_attn(self.norm2(q), mem_k, mem_v, mem_mask)
+        x = torch.cat([q, x[:, num_queries:]], dim=1)
         return x + self.mlp(self.norm3(x))
 
 
@@ -75,6 +91,8 @@ class QFormerAligner(nn.Module):
         self.text_pos = nn.Embedding(max_question_tokens, hidden)
         self.type_embed = nn.Embedding(3, hidden)  # 0 query, 1 image, 2 question
         self.null_memory = nn.Parameter(torch.empty(1, hidden))
+        self.memory_kv = nn.Linear(hidden, 2 * hidden)  # point memory -> keys/values, once for every layer
+        self.heads = heads
         self.layers = nn.ModuleList(AlignerLayer(hidden, heads, mlp_ratio) for _ in range(layers))
         self.out_proj = nn.Linear(hidden, lm_hidden)
         self.prefix_norm = nn.LayerNorm(lm_hidden)  # gain = the LM's input-embedding RMS (set by _init_weights)
@@ -109,6 +127,7 @@ class QFormerAligner(nn.Module):
         pts = (self.point_norm(point_feats.to(dtype)) + point_pe.to(dtype)) * point_mask[..., None].to(dtype)
         mem = torch.cat([self.null_memory.expand(B, -1, -1), pts], dim=1)  # (B, 1 + P, C)
         mem_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), point_mask.bool()], dim=1)
+        mem_k, mem_v = split_heads(self.memory_kv(mem), self.heads, mem.shape[-1])  # 2 x (B, h, 1 + P, c)
         for layer in self.layers:
-            x = layer(x, x_mask, mem, mem_mask)
+            x = layer(x, x_mask, mem_k, mem_v, mem_mask, self.num_queries)
         return self.prefix_norm(self.out_proj(x[:, : self.num_queries]))  # (B, Nq, lm_hidden)
