@@ -5,6 +5,7 @@
 #                             are in models/stllm-smol, else tiny-random, an UNTRAINED model that only shows the plumbing)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/loopback.sh"
 cd "$STLLM_ROOT"
 say() { printf '\033[1m[demo]\033[0m %s\n' "$*"; }
 

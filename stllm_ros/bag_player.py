@@ -260,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rc = 0
     stop = threading.Event()
-    with rclpy.init(args=["stllm-play", *ros_argv]):
+    # rclpy.init() returns None on Jazzy (the context-manager form is Kilted-only): init, and shut down in finally
+    rclpy.init(args=["stllm-play", *ros_argv])
+    try:
         node = rclpy.create_node("stllm_bag_player")
         executor = SingleThreadedExecutor()
         executor.add_node(node)
@@ -297,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             executor.shutdown()
             spinner.join(5)
             node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
     return rc
 
 

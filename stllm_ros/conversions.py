@@ -35,9 +35,7 @@ from stllm_core.data.sensor_arrays import (  # noqa: F401  (re-exported: the dec
     unpack_rgb,
 )
 from stllm_core.errors import InputError
-
-QUATERNION_NORM_TOLERANCE = 1e-3
-
+from stllm_core.geometry.poses import validate_quaternion
 
 # ---------------------------------------------------------------------------------------------------------- time
 
@@ -186,8 +184,9 @@ def array_to_pointcloud2(
 def transform_from_msg(msg: TransformStamped) -> tuple[str, str, float, np.ndarray, np.ndarray]:
     """TransformStamped -> (parent, child, stamp seconds, t (3,) float64 metres, q (4,) float64 xyzw, unit norm).
 
-    Refuses empty or equal frame ids, non-finite translations, and NaN/Inf or non-normalised quaternions
-    (|‖q‖ - 1| > 1e-3, as a zero or garbage rotation must never become a pose); small drift is renormalised.
+    Refuses empty or equal frame ids, non-finite translations, and NaN/Inf or non-normalised quaternions by tf2's
+    rule (|‖q‖² - 1| > 0.01, geometry.poses.validate_quaternion: a zero or garbage rotation must never become a pose);
+    nearly-unit ones are renormalised.
     """
     parent = msg.header.frame_id.lstrip("/")
     child = msg.child_frame_id.lstrip("/")
@@ -203,13 +202,8 @@ def transform_from_msg(msg: TransformStamped) -> tuple[str, str, float, np.ndarr
         raise InputError(
             f"Got translation {t.tolist()} for {parent} -> {child} at {stamp:.9f}; expected finite values."
         )
-    norm = float(np.linalg.norm(q)) if np.all(np.isfinite(q)) else float("nan")
-    if not np.isfinite(norm) or abs(norm - 1.0) > QUATERNION_NORM_TOLERANCE:
-        raise InputError(
-            f"Got quaternion {q.tolist()} (norm {norm}) for {parent} -> {child} at {stamp:.9f}; "
-            f"expected a finite unit quaternion (|norm - 1| <= {QUATERNION_NORM_TOLERANCE})."
-        )
-    return parent, child, stamp, t, q / norm
+    q = validate_quaternion(q, f"quaternion of {parent} -> {child} at {stamp:.9f}")
+    return parent, child, stamp, t, q
 
 
 def transform_to_msg(parent: str, child: str, stamp: float | Time, t: np.ndarray, q: np.ndarray) -> TransformStamped:

@@ -277,6 +277,9 @@ def test_transform_strips_leading_slash_and_renormalises_small_drift():
     parent, child, _, _, q = cv.transform_from_msg(msg)
     assert (parent, child) == ("map", "odom")
     assert abs(np.linalg.norm(q) - 1.0) < 1e-12
+    # what `ros2 run tf2_ros static_transform_publisher --qz 0.706 --qw 0.706 ...` sends, accepted as tf2 does
+    msg = cv.transform_to_msg("base_link", "camera_link", 0.0, np.zeros(3), np.array([0, 0, 0.706, 0.706]))
+    np.testing.assert_allclose(cv.transform_from_msg(msg)[4], [0, 0, 2 ** -0.5, 2 ** -0.5], atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -284,7 +287,7 @@ def test_transform_strips_leading_slash_and_renormalises_small_drift():
 )
 def test_transform_refuses_bad_quaternions(q):
     msg = cv.transform_to_msg("map", "odom", 1.0, np.zeros(3), np.array(q, float))
-    with pytest.raises(InputError, match="unit quaternion"):
+    with pytest.raises(InputError, match="quaternion of map -> odom.*(not normalised|non-finite)"):
         cv.transform_from_msg(msg)
 
 

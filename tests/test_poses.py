@@ -22,12 +22,17 @@ def test_quaternion_matrix_round_trip_uses_xyzw():
 def test_quaternion_validation():
     with pytest.raises(InputError, match="non-finite"):
         poses.validate_quaternion([0.0, 0.0, float("nan"), 1.0])
-    with pytest.raises(InputError, match=r"my_q is not normalised: \|q\| = 2"):
+    with pytest.raises(InputError, match=r"my_q is not normalised: \|q\|\^2 = 4"):
         poses.validate_quaternion([0.0, 0.0, 0.0, 2.0], name="my_q")
     with pytest.raises(InputError, match="4 numbers"):
         poses.validate_quaternion([0.0, 1.0])
     q = poses.validate_quaternion([0.0, 0.0, 0.0, 1.004])  # rounding in a message: renormalised
     np.testing.assert_allclose(q, [0.0, 0.0, 0.0, 1.0])
+    # tf2's band, |q|^2 within 0.01 of 1: `static_transform_publisher ... 0 0 0.706 0.706` (|q| = 0.9984) is accepted
+    # by tf2 and RViz, and here; |q|^2 = 0.9899 is refused by both
+    np.testing.assert_allclose(poses.validate_quaternion([0, 0, 0.706, 0.706]), [0, 0, 2 ** -0.5, 2 ** -0.5])
+    with pytest.raises(InputError, match="not normalised"):
+        poses.validate_quaternion([0, 0, 0.0, 0.99494])
     with pytest.raises(InputError, match="translation"):
         poses.make_transform([0.0, float("inf"), 0.0], [0, 0, 0, 1])
 

@@ -23,9 +23,9 @@ from scipy.spatial.transform import Rotation, Slerp
 
 from stllm_core.errors import InputError
 
-# Accept quaternions whose norm is within this of 1 (and renormalise them); refuse the rest. tf2 accepts the same
-# band (|q|^2 within 0.01 of 1), so what a real robot publishes through tf2 is accepted here too.
-QUAT_NORM_TOLERANCE = 1e-2
+# tf2's rule (BufferCore::setTransform): a quaternion is accepted, and normalised, when |q|^2 is within 0.01 of 1,
+# and refused otherwise. The one tolerance for every transform this package takes in (messages, bags, the buffer).
+QUAT_NORM2_TOLERANCE = 1e-2
 
 # Rotation of the optical frame (x right, y down, z forward) expressed in the body frame (x forward, y left, z up):
 # the columns are the optical axes in body coordinates.
@@ -37,21 +37,22 @@ T_OPTICAL_BODY = T_BODY_OPTICAL.T.copy()  # a pure rotation: the inverse is the 
 Q_BODY_OPTICAL = np.array([-0.5, 0.5, -0.5, 0.5])
 
 
-def validate_quaternion(q, name: str = "quaternion", tolerance: float = QUAT_NORM_TOLERANCE) -> np.ndarray:
+def validate_quaternion(q, name: str = "quaternion", tolerance: float = QUAT_NORM2_TOLERANCE) -> np.ndarray:
     """Return `q` (x, y, z, w) as a unit float64 (4,) array.
 
-    Raises InputError naming `name` and the value when `q` is not 4 finite numbers or its norm is further than
-    `tolerance` from 1 (a nearly-unit quaternion is renormalised: rounding in a message is not an error).
+    Raises InputError naming `name` and the value when `q` is not 4 finite numbers or |q|^2 is further than
+    `tolerance` from 1, as tf2 does (a nearly-unit quaternion is renormalised: `static_transform_publisher` with
+    rounded components, e.g. (0, 0, 0.706, 0.706) with |q| = 0.9984, is accepted as tf2 and RViz accept it).
     """
     a = np.asarray(q, dtype=np.float64)
     if a.shape != (4,):
         raise InputError(f"{name} must be 4 numbers (x, y, z, w); got shape {a.shape}: {q!r}")
     if not np.all(np.isfinite(a)):
         raise InputError(f"{name} has non-finite components: {a.tolist()}")
-    norm = float(np.linalg.norm(a))
-    if abs(norm - 1.0) > tolerance:
-        raise InputError(f"{name} is not normalised: |q| = {norm:.6g} (allowed 1 +- {tolerance:g}): {a.tolist()}")
-    return a / norm
+    norm2 = float(a @ a)
+    if abs(norm2 - 1.0) > tolerance:
+        raise InputError(f"{name} is not normalised: |q|^2 = {norm2:.6g} (tf2 allows 1 +- {tolerance:g}): {a.tolist()}")
+    return a / math.sqrt(norm2)
 
 
 def validate_translation(t, name: str = "translation") -> np.ndarray:
