@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -19,7 +20,7 @@ from test_bags import EXTERNAL, make_frames, make_scene  # noqa: E402
 from stllm_core.data.bags import BagReader, BagWriterConfig, write_bag  # noqa: E402
 from stllm_core.errors import ConfigError, STLLMError  # noqa: E402
 from stllm_ros.bag_player import message_class  # noqa: E402
-from tests_support import NodeProcess, RosTestNode, wait_until  # noqa: E402
+from tests_support import NodeProcess, RosTestNode, ros_env, wait_until  # noqa: E402
 
 LATCHED = ("/tf_static", "/scene/points")
 
@@ -55,9 +56,9 @@ def same_cdr(received: bytes, sent: bytes) -> bool:
     return received[: len(sent)] == sent and len(pad) < 4 and (len(sent) + len(pad)) % 4 == 0 and not any(pad)
 
 
-def play(bag: Path, *args: str, timeout: float = 90.0) -> str:
+def play(bag: Path, *args: str, timeout: float = 90.0, env: dict[str, str] | None = None) -> str:
     """Run stllm-play to completion; returns its output (asserts exit code 0)."""
-    with NodeProcess.python("stllm_ros.bag_player", str(bag), *args) as proc:
+    with NodeProcess.python("stllm_ros.bag_player", str(bag), *args, env=env) as proc:
         try:
             rc = proc.wait(timeout)
         except Exception:
@@ -133,6 +134,24 @@ def test_replay_real_rosbag2_bag_with_remap_and_unknown_types(tmp_path):
     out = play(EXTERNAL / "cdr_test_mcap")
     assert "test_msgs/msg/BasicTypes': 3" in out and "test_msgs/msg/Arrays': 4" in out
     assert "Played 0 message(s)" in out
+
+
+def test_player_runs_with_the_jazzy_rclpy_init(tmp_path):
+    """On Jazzy rclpy.init() returns None (only Kilted's returns a context manager): the player must not use it as
+    one. A sitecustomize gives this process's rclpy Jazzy's return value."""
+    shim = tmp_path / "jazzy"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import rclpy\n_init = rclpy.init\n\n\ndef init(*args, **kwargs):\n    _init(*args, **kwargs)\n\n\n"
+        "rclpy.init = init\n")
+    env = ros_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(shim), env["PYTHONPATH"]])
+    with RosTestNode("bag_replay_jazzy") as ros:
+        rec = Recorder(ros, {"/chatter": "std_msgs/msg/String"})
+        out = play(EXTERNAL / "talker_sqlite3", "--rate", "20", "--remap", "/topic:=/chatter",
+                   "--wait-for-subscribers", "60", env=env)
+        wait_until(lambda: rec.count("/chatter") >= 10, 30, what="10 talker messages")
+    assert "Played 20 message(s) on 2 topic(s)" in out
 
 
 def test_ctrl_c_stops_a_looping_player_cleanly(tmp_path):
