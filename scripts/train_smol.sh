@@ -2,16 +2,18 @@
 # Reproduce models/stllm-smol (the embedded default model) from seed 0, end to end, resumable at every step:
 #   1. REA-Sim data: 1200 kitchens x 1 episode of 12 frames at 128x96 px, 20 questions each (val: 48 kitchens never
 #      seen in training)
-#   2. stage 1 "scene" (training/configs/stllm-smol-scene.yaml): encoders + aligner on the key-term loss, no LM pass
-#   3. stage 2 (training/configs/stllm-smol.yaml): from stage 1, the language-model loss + the key-term loss
-#   4. the question-only baseline: stage 2's recipe with data.ablation: blind (nothing of the scene reaches it)
-#   5. export the trained, non-LLM weights + config + tokenizer into models/stllm-smol/
-#   6. stllm-eval on the held-out kitchens: the model, its ablations (no video, no points, no camera position), the
+#   2. the model (training/configs/stllm-smol.yaml): encoders + aligner from the initialisation, trained on the
+#      language-model loss + the key-term loss, the language model frozen
+#   3. the question-only model: the same recipe with data.ablation: blind (nothing of the scene reaches it);
+#      QUESTION_ONLY=0 skips it (the rule baseline, always evaluated, is the stronger question-only baseline on REA-Sim)
+#   4. export the trained, non-LLM weights + config + tokenizer into models/stllm-smol/
+#   5. stllm-eval on the held-out kitchens: the model, its ablations (no video, no points, no camera position), the
 #      question-only model and the rule baseline; the table in models/stllm-smol/eval.json
 #
-# Usage: scripts/train_smol.sh     (2-core CPU: ~1 h stage 1, ~1 h 10 min each stage 2 and baseline, ~20 min eval)
+# Usage: scripts/train_smol.sh     (2-core CPU: ~75 min each model and question-only model, ~15 min eval)
 # Environment: DATA (data/reasim-smol), RUNS (runs), OUT (models/stllm-smol), THREADS (2; torch threads),
-#   DEVICE (auto: cuda when available), SKIP_EVAL (0). Interrupted? Rerun: every stage resumes from its checkpoint.
+#   DEVICE (auto: cuda when available), QUESTION_ONLY (1), SKIP_EVAL (0).
+# Interrupted? Rerun: every stage resumes from its checkpoint.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/env.sh
@@ -23,7 +25,7 @@ THREADS="${THREADS:-2}"
 DEVICE="${DEVICE:-auto}"
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 
-echo "== 1/6 REA-Sim data -> $DATA"
+echo "== 1/5 REA-Sim data -> $DATA"
 if [ ! -f "$DATA/val.json" ]; then
     stllm-reasim --out "$DATA" --scenes 1200 --clips-per-scene 1 --frames 12 --size 128x96 --questions-per-type 4 \
         --seed 0 --val-fraction 0.04 --no-depth --workers "$THREADS"
@@ -37,14 +39,14 @@ run() {
             --out "$RUNS/$name" --resume "$@"
     fi
 }
-echo "== 2/6 stage 1: scene (key-term loss, no LM) -> $RUNS/stllm-smol-scene"
-run stllm-smol-scene training/configs/stllm-smol-scene.yaml
-echo "== 3/6 stage 2: LM + key-term loss -> $RUNS/stllm-smol"
-run stllm-smol training/configs/stllm-smol.yaml --base "$RUNS/stllm-smol-scene/model"
-echo "== 4/6 question-only baseline (stage 2's recipe, blind) -> $RUNS/stllm-smol-question-only"
-run stllm-smol-question-only training/configs/stllm-smol.yaml --base "$RUNS/stllm-smol-scene/model" --ablation blind
+echo "== 2/5 the model (LM + key-term loss) -> $RUNS/stllm-smol"
+run stllm-smol training/configs/stllm-smol.yaml
+if [ "${QUESTION_ONLY:-1}" = 1 ]; then
+    echo "== 3/5 question-only model (the same recipe, blind) -> $RUNS/stllm-smol-question-only"
+    run stllm-smol-question-only training/configs/stllm-smol.yaml --ablation blind
+fi
 
-echo "== 5/6 export -> $OUT"
+echo "== 4/5 export -> $OUT"
 mkdir -p "$OUT"
 for f in "$RUNS/stllm-smol"/model/*; do
     case "$(basename "$f")" in
@@ -54,7 +56,7 @@ for f in "$RUNS/stllm-smol"/model/*; do
 done
 
 [ "${SKIP_EVAL:-0}" = 1 ] && exit 0
-echo "== 6/6 evaluation on the held-out kitchens"
+echo "== 5/5 evaluation on the held-out kitchens"
 EVAL="$RUNS/stllm-smol/eval"
 mkdir -p "$EVAL"
 # every 2nd val record: 480 questions (96 per type) from all 48 held-out kitchens
@@ -68,5 +70,6 @@ evaluate() {  # evaluate NAME MODEL [stllm-eval options...]
 }
 evaluate model "$OUT" --rule-train "$DATA/train.json"
 for ablation in no-video no-points no-position; do evaluate "$ablation" "$OUT" "--$ablation"; done
-evaluate question-only "$RUNS/stllm-smol-question-only/model" --blind
+[ -f "$RUNS/stllm-smol-question-only/model/model.safetensors" ] && \
+    evaluate question-only "$RUNS/stllm-smol-question-only/model" --blind
 python benchmarks/bench_smol.py --summarize "$EVAL" --write "$OUT/eval.json"

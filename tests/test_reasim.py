@@ -258,14 +258,14 @@ def derivable(tmp_path_factory):
 
 
 def smol_processor():
-    """The processor of the default model's recipe (training/configs/stllm-smol-scene.yaml): what it receives."""
+    """The processor of the default model's recipe (training/configs/stllm-smol.yaml): what it receives."""
     import yaml
 
     from stllm_core.model import config_preset
     from stllm_core.model.processing import STLLMProcessor
     from stllm_core.model.tiny import train_tiny_tokenizer
 
-    recipe = yaml.safe_load((Path(__file__).parents[1] / "training/configs/stllm-smol-scene.yaml").read_text())["model"]
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "training/configs/stllm-smol.yaml").read_text())["model"]
     return STLLMProcessor(config_preset(recipe["base"], **recipe["overrides"]), train_tiny_tokenizer())
 
 

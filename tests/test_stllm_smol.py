@@ -20,7 +20,7 @@ from stllm_core.errors import ModelLoadError
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "stllm-smol"
 WEIGHTS = MODEL_DIR / "model.safetensors"
-RECIPE = ROOT / "training" / "configs" / "stllm-smol-scene.yaml"  # stage 1 holds the architecture
+RECIPE = ROOT / "training" / "configs" / "stllm-smol.yaml"
 
 
 def _wheel_cached() -> bool:

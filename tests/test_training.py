@@ -94,9 +94,9 @@ def test_lora_trains_adapters_and_export_merges(smoke, tmp_path):
 
 
 def test_key_term_loss_alone_then_with_the_lm_and_a_blind_baseline(smoke, tmp_path):
-    """Stage 1 trains the prefix on the key-term loss without an LM pass (the LM's weights get no gradient), exports a
-    model that stage 2 starts from; the question-only (blind) run trains on the same records with nothing of the
-    scene, which the logged answers' key terms do not need."""
+    """The key-term loss alone trains the prefix without an LM pass (the LM's weights get no gradient) and exports a
+    model that a second run (model.base) continues with both losses; the question-only (blind) run trains on the same
+    records with nothing of the scene, which the logged answers' key terms do not need."""
     from safetensors.torch import load_file
 
     from training.aux import SLOTS, key_terms
