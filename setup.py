@@ -21,7 +21,7 @@ setup(
         "torch>=2.4",
         "transformers>=5.0",
         "safetensors",
-        "numpy>=2",
+        "numpy>=1.26",  # a distro's numpy 1.26 (cv_bridge is built against 1.x) or 2.x
         "scipy",
         "opencv-python-headless",
         "open3d-cpu",
