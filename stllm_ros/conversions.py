@@ -4,7 +4,9 @@ Everything here is vectorised numpy: no per-pixel or per-point Python loops. Eve
 `stllm_core.errors.InputError` naming the field and the value seen.
 
 Conventions:
-- Colour images come out as RGB uint8 (H, W, 3) (`image_to_rgb`), whatever the colour encoding on the wire.
+- Colour images come out as RGB uint8 (H, W, 3) (`image_to_rgb`), whatever the colour encoding on the wire
+  (COLOR_ENCODINGS: rgb/bgr/rgba/bgra 8 and 16 bit, mono8/16, YUV 4:2:2, Bayer); CompressedImage via
+  `compressed_to_rgb` (jpeg/png) and `compressed_depth_to_metres` (compressedDepth png).
 - Depth comes out as float32 metres (H, W) (`image_to_depth`): 16UC1 is millimetres (0 = no return, mapped to NaN),
   32FC1 is metres (REP-117: NaN/+-Inf are kept; callers mask non-finite values).
 - Point clouds: a structured array with float32 fields x, y, z (metres, in `header.frame_id`) and rgb, the PCL packing
@@ -26,6 +28,8 @@ from stllm_core.data.sensor_arrays import (  # noqa: F401  (re-exported: the dec
     DEPTH_ENCODINGS,
     IMAGE_ENCODINGS,
     POINTFIELD_DTYPES,
+    compressed_depth_to_metres,
+    compressed_to_rgb,
     image_to_depth,
     image_to_numpy,
     image_to_rgb,
@@ -62,7 +66,8 @@ def sec_to_stamp(t: float) -> Time:
 def numpy_to_image(arr: np.ndarray, encoding: str, stamp: float | Time = 0.0, frame_id: str = "") -> Image:
     """Array -> Image (little endian, no row padding).
 
-    - rgb8/bgr8/rgba8/bgra8/mono8: `arr` is uint8 (H, W, C) already in that channel order ((H, W) for mono8).
+    - Colour encodings: `arr` already has the wire layout and dtype, uint8 (or uint16 for the 16-bit ones) (H, W, C)
+      in that channel order ((H, W) for mono and Bayer, (H, W, 2) for YUV 4:2:2).
     - 16UC1: `arr` is uint16 millimetres, or float metres (converted: round(m * 1000), NaN/Inf/<=0 -> 0).
     - 32FC1: `arr` is float metres.
     """
@@ -83,8 +88,8 @@ def numpy_to_image(arr: np.ndarray, encoding: str, stamp: float | Time = 0.0, fr
                 f"Depth up to {float(np.nanmax(arr)):.3f} m does not fit 16UC1 millimetres (max 65.535 m)."
             )
         arr = mm.astype(np.uint16)
-    elif encoding != "16UC1" and encoding != "32FC1" and arr.dtype != np.uint8:
-        raise InputError(f"Got dtype {arr.dtype} for encoding {encoding!r}; expected uint8.")
+    elif encoding not in ("16UC1", "32FC1") and arr.dtype != dtype:
+        raise InputError(f"Got dtype {arr.dtype} for encoding {encoding!r}; expected {dtype}.")
     elif encoding == "16UC1" and arr.dtype != np.uint16:
         raise InputError(f"Got dtype {arr.dtype} for encoding '16UC1'; expected uint16 millimetres or float metres.")
     arr = np.ascontiguousarray(arr, dtype=dtype.newbyteorder("<"))

@@ -6,7 +6,9 @@ standalone). It owns no node and never spins: the host's executor runs its callb
 Threads and work:
 - Subscription callbacks only convert the message to numpy (vectorised, ~1 ms for 640x480) and put it on a bounded
   queue; when the queue is full the OLDEST item is dropped and counted (`dropped["queue_full"]`).
-- TF callbacks validate each transform and insert it into the TransformBuffer (cheap, as tf2_ros does).
+- TF callbacks validate each transform and insert it into the TransformBuffer (cheap, as tf2_ros does), which
+  follows tf2: a late sample is inserted in stamp order (only one older than `tf_cache_sec` is dropped), a frame may
+  change parent (each sample keeps its parent), a transform closing a cycle is refused (`bad_input["tf_rejected"]`).
 - One worker thread looks up T_world_cam at each image/depth/cloud stamp (waiting up to `pose_wait_sec` for TF to
   catch up: an item whose pose is not known yet is kept pending, never given a guessed pose), adds keyframes to the
   FrameBuffer, integrates depth/points into the SceneMap and publishes the map.
@@ -24,7 +26,9 @@ between processes need the SHM profile in config/fastdds_localhost.xml with best
 transient-local depth 1 (RViz late joiners get it), /diagnostics reliable depth 10.
 
 Bad input never crashes and never yields a wrong pose: each cause is counted in `stats()["bad_input"]` (the item is
-dropped) and logged at most once per `log_throttle_sec` per cause with the running count.
+dropped) and logged at most once per `log_throttle_sec` per cause with the running count. An image, depth image or
+cloud with a zero header stamp is such bad input (`no_stamp`): it cannot be placed in time, and a TF lookup at stamp 0
+would mean "latest" (tf2), a guess for a message that may be older.
 """
 
 from __future__ import annotations
@@ -261,6 +265,7 @@ class Perception:
                 "static": len(self._static_tf),
                 "latest_stamp": max(dynamic) if dynamic else None,
                 "last_rx_age_sec": None if self._tf_last_rx is None else time.monotonic() - self._tf_last_rx,
+                "counters": self.transforms.counters(),  # out_of_order, parent_change, ... since the last reset
             }
         return out
 
@@ -353,9 +358,19 @@ class Perception:
             return None
         return K
 
+    def _stamp(self, msg, what: str) -> float | None:
+        """The header stamp in seconds, or None (counted as bad input `no_stamp`) when it is zero (unset)."""
+        stamp = cv.stamp_to_sec(msg.header.stamp)
+        if stamp == 0.0:
+            self._bad_input("no_stamp", f"{what} with a zero header stamp: it cannot be placed in time (dropped)")
+            return None
+        return stamp
+
     def _on_image(self, msg: Image) -> None:
         self._count("images_received")
-        stamp = cv.stamp_to_sec(msg.header.stamp)
+        stamp = self._stamp(msg, "image")
+        if stamp is None:
+            return
         frame_id = self.config.camera_frame or msg.header.frame_id.lstrip("/")
         if not frame_id:
             self._bad_input("no_frame_id", "image without header.frame_id and no camera_frame configured")
@@ -399,7 +414,9 @@ class Perception:
 
     def _on_depth(self, msg: Image) -> None:
         self._count("depth_received")
-        stamp = cv.stamp_to_sec(msg.header.stamp)
+        stamp = self._stamp(msg, "depth image")
+        if stamp is None:
+            return
         frame_id = self.config.camera_frame or msg.header.frame_id.lstrip("/")
         if not frame_id:
             self._bad_input("no_frame_id", "depth image without header.frame_id and no camera_frame configured")
@@ -417,8 +434,9 @@ class Perception:
             return
         finite = np.isfinite(depth)
         if not finite.all():
-            if np.isinf(depth).any():  # NaN is REP-117's "no measurement"; +-Inf is counted as odd input
-                self._bad_input("depth_inf", f"depth image at {stamp:.6f} has +-Inf pixels (masked)")
+            n_inf = int(np.count_nonzero(np.isinf(depth)))
+            if n_inf:  # REP-117: -Inf = too near, +Inf = too far: out of range, no measurement, not bad input
+                self._count("depth_inf_pixels", n_inf)
             depth[~finite] = np.nan
         if not (finite & (depth > 0)).any():
             self._drop("depth_empty")
@@ -427,7 +445,9 @@ class Perception:
 
     def _on_points(self, msg: PointCloud2) -> None:
         self._count("clouds_received")
-        stamp = cv.stamp_to_sec(msg.header.stamp)
+        stamp = self._stamp(msg, "PointCloud2")
+        if stamp is None:
+            return
         frame_id = msg.header.frame_id.lstrip("/")
         if not frame_id:
             self._bad_input("no_frame_id", "PointCloud2 without header.frame_id")
@@ -459,34 +479,27 @@ class Perception:
                 continue
             with self._tf_lock:
                 last = self._tf_last_stamp.get(child)
-                if not static and last is not None and last - stamp > self.config.time_jump_reset_sec:
+                # far behind the newest sample of its frame: a clock reset (bag loop). A sample less late is inserted
+                # in order by the buffer; a zero stamp is no clock (the buffer drops it when older than its cache)
+                if not static and stamp > 0 and last is not None and last - stamp > self.config.time_jump_reset_sec:
                     self._reset(f"TF {parent} -> {child} jumped back {last - stamp:.3f} s (bag loop or clock reset)")
-                known = self._tf_parent.get(child)
-                if known is not None and known != parent:
-                    problem = f"{child!r} moved from parent {known!r} to {parent!r}; kept {known!r}"
+                try:
+                    self.transforms.set_transform(parent, child, stamp, t, q, static=static)
+                except (InputError, ValueError, LookupError) as e:
+                    error = str(e)
                 else:
-                    problem = ""
-                    last = self._tf_last_stamp.get(child)
-                    if not static and last is not None and stamp < last:
-                        problem = "out_of_order"
+                    error = ""
+                    self._tf_parent[child] = self.transforms.parent(child) or parent  # the latest parent
+                    newest = self._tf_last_stamp.get(child)
+                    self._tf_last_stamp[child] = stamp if static or newest is None else max(newest, stamp)
+                    if static:
+                        self._static_tf[child] = (parent, child, stamp, t, q)
                     else:
-                        try:
-                            self.transforms.set_transform(parent, child, stamp, t, q, static=static)
-                        except (InputError, ValueError, LookupError) as e:
-                            problem = f"error: {e}"
-                        else:
-                            self._tf_parent[child] = parent
-                            self._tf_last_stamp[child] = stamp
-                            if static:
-                                self._static_tf[child] = (parent, child, stamp, t, q)
-                            self._tf_version += 1
-                            self._tf_last_rx = time.monotonic()
-            if problem == "out_of_order":
-                self._bad_input("tf_out_of_order", f"{parent} -> {child} at {stamp:.6f} is older than the last one")
-            elif problem.startswith("error: "):
-                self._bad_input("tf_rejected", problem[7:])
-            elif problem:
-                self._bad_input("tf_parent_change", problem)
+                        self._static_tf.pop(child, None)  # static -> dynamic: the buffer dropped the static one
+                    self._tf_version += 1
+                    self._tf_last_rx = time.monotonic()
+            if error:
+                self._bad_input("tf_rejected", error)
         with self._queue_cv:
             self._queue_cv.notify()  # pending items may now resolve
 
@@ -561,11 +574,15 @@ class Perception:
         with self._tf_lock:
             for start in (frame_id, self.config.world_frame):
                 frame, seen = start, set()
-                while frame in self._tf_parent and frame not in seen:
+                while frame not in seen:
+                    parent = self.transforms.parent(frame, stamp)  # the parent valid at `stamp`
+                    if parent is None:
+                        break
                     seen.add(frame)
-                    if frame not in self._static_tf and self._tf_last_stamp.get(frame, -np.inf) < stamp:
+                    held = self.transforms.time_range(frame)  # None when static
+                    if held is not None and held[1] < stamp:
                         return False
-                    frame = self._tf_parent[frame]
+                    frame = parent
         return True
 
     def _resolve(self, queue: collections.deque[_Item]) -> None:

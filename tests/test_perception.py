@@ -303,36 +303,43 @@ def test_bad_input_is_counted_and_never_gives_a_wrong_pose(rig):
     host, perception, feed = rig
     K = np.array([[50.0, 0, 31.5], [0, 50.0, 23.5], [0, 0, 1]])
     img = np.full((48, 64, 3), 200, np.uint8)
-    # map -> cam dynamic, sampled every 0.1 s from 100.0 to 101.0
-    for i in range(11):
+    # map -> cam dynamic, sampled every 0.1 s from 100.0 to 101.0; 100.2 arrives last and is inserted in order (tf2)
+    for i in [0, 1, *range(3, 11), 2]:
         feed.send_tf("map", "cam", 100.0 + 0.1 * i, *_pose(100.0 + 0.1 * i))
-    wait_until(lambda: perception.stats()["tf"]["latest_stamp"] == 101.0, 30, what="TF up to 101 s")
+    wait_until(lambda: perception.transforms.stats()["samples"] == 11, 30, what="the late TF sample inserted")
+    tf = perception.stats()["tf"]
+    assert tf["latest_stamp"] == 101.0 and tf["counters"]["out_of_order"] == 1, tf
     feed.info.publish(cv.K_to_camera_info(K, 64, 48, 100.0, "cam"))
     _wait_count(perception, "camera_info_received", 1)
     feed.image.publish(cv.numpy_to_image(img, "rgb8", 100.25, "cam"))
     _wait_count(perception, "frames_added", 1)
 
     # unknown encoding, size mismatch, out-of-order stamp
-    yuv = Image(height=48, width=64, encoding="yuv422", step=128)
-    yuv.data = bytes(128 * 48)
+    yuv = Image(height=48, width=64, encoding="nv21", step=64)  # YUV 4:2:0, not decoded
+    yuv.data = bytes(64 * 72)
     yuv.header.stamp = cv.sec_to_stamp(100.3)
     yuv.header.frame_id = "cam"
     feed.image.publish(yuv)
     feed.image.publish(cv.numpy_to_image(np.zeros((24, 32, 3), np.uint8), "rgb8", 100.35, "cam"))
     _wait_count(perception, "images_received", 3)
     feed.image.publish(cv.numpy_to_image(img, "rgb8", 100.2, "cam"))
-    # NaN quaternion, non-normalised quaternion, a parent change that would move `cam`
+    feed.image.publish(cv.numpy_to_image(img, "rgb8", 0.0, "cam"))  # no stamp: not placed, no reset, no lookup
+    # NaN quaternion, non-normalised quaternion
     feed.send_tf("map", "cam", 101.1, [0, 0, 0], [np.nan, 0, 0, 1])
     feed.send_tf("map", "cam", 101.1, [0, 0, 0], [0, 0, 0, 3.0])
-    feed.send_tf("odom", "cam", 101.1, [9, 9, 9], [0, 0, 0, 1])
     for cause, n in [
         ("bad_encoding", 1),
         ("image_info_size_mismatch", 1),
         ("image_out_of_order", 1),
+        ("no_stamp", 1),
         ("tf_bad_quaternion", 2),
-        ("tf_parent_change", 1),
     ]:
         _wait_count(perception, cause, n, section="bad_input")
+    # a parent change is no bad input (tf2): from 101.1 on, `cam` hangs off `odom` (not connected to `map`)
+    feed.send_tf("odom", "cam", 101.1, [9, 9, 9], [0, 0, 0, 1])
+    wait_until(lambda: perception.transforms.parent("cam") == "odom", 30, what="cam re-parented")
+    assert perception.transforms.can_transform("map", "cam", 101.0, tolerance=0.0)  # the history is kept
+    assert not perception.transforms.can_transform("map", "cam", 101.1, tolerance=0.0)
     wait_until(perception.idle, 30, what="idle")
     stats = perception.stats()
     assert stats["counts"]["frames_added"] == 1, stats
@@ -344,8 +351,10 @@ def test_bad_input_is_counted_and_never_gives_a_wrong_pose(rig):
     np.testing.assert_array_equal(f.image, img)
     np.testing.assert_array_equal(f.K, K)
 
-    # the refused transforms left no trace: `cam` still resolves through `map` with the published poses
+    # the refused transforms left no trace; map -> cam at 101.1 replaces odom -> cam (same stamp): `cam` resolves
+    # through `map` with the published poses
     feed.send_tf("map", "cam", 101.1, *_pose(101.1))
+    wait_until(lambda: perception.transforms.parent("cam") == "map", 30, what="cam back under map")
     feed.image.publish(cv.numpy_to_image(img, "rgb8", 101.05, "cam"))
     _wait_count(perception, "frames_added", 2)
     last = perception.clip(10.0, 8).frames[-1]
@@ -354,7 +363,7 @@ def test_bad_input_is_counted_and_never_gives_a_wrong_pose(rig):
 
     # an image whose pose never becomes available (no TF near 105 s) waits pose_wait_sec, then is dropped
     feed.image.publish(cv.numpy_to_image(img, "rgb8", 105.0, "cam"))
-    _wait_count(perception, "images_received", 6)
+    _wait_count(perception, "images_received", 7)
     wait_until(lambda: any(k.startswith("no_pose_") for k in perception.stats()["dropped"]), 30, what="no_pose drop")
     wait_until(perception.idle, 30, what="idle")
     assert perception.stats()["counts"]["frames_added"] == 2
@@ -376,7 +385,8 @@ def test_depth_and_points_build_the_map_published_with_diagnostics(rig):
     _wait_count(perception, "frames_added", 1)
     feed.depth.publish(cv.numpy_to_image(depth, "32FC1", 10.0, "cam"))
     _wait_count(perception, "depth_integrated", 1)
-    assert perception.stats()["bad_input"].get("depth_inf") == 1
+    stats = perception.stats()  # REP-117 +-Inf (out of range) is no measurement, counted but not bad input
+    assert stats["counts"].get("depth_inf_pixels") == 1 and "depth_inf" not in stats["bad_input"], stats
     scene = perception.clip(10.0, 4).scene
     assert scene.num_points > 0
     voxel = 0.05
@@ -423,7 +433,7 @@ def test_depth_and_points_build_the_map_published_with_diagnostics(rig):
     status = got["diag"].status[0]
     keys = {kv.key: kv.value for kv in status.values}
     assert "perception" in status.name
-    for key in ("frames_held", "queued", "pending", "map_voxels", "tf_frames", "bad_input.depth_inf"):
+    for key in ("frames_held", "queued", "pending", "map_voxels", "tf_frames", "count.depth_inf_pixels"):
         assert key in keys, keys
     assert int(keys["frames_held"]) == 1
 

@@ -130,19 +130,137 @@ def test_bad_input_is_refused_counted_and_leaves_the_buffer_unchanged():
     assert buf.parent("odom") == "map"
 
 
-def test_parent_change_latest_wins_counted_and_warned_once(caplog):
-    buf = robot()
+def reparenting_samples(connected: bool = True) -> list[tuple]:
+    """c moves under A (x = t) for t = 0..4, then under B (y = t) for t = 5..8; A and B hang off world (static).
+    (parent, child, stamp, translation, quaternion, static) rows."""
+    rows = [("world", "A", 0.0, [1.0, 0.0, 0.0], ID, True), ("world", "B", 0.0, [0.0, 2.0, 0.0], yaw(90.0), True)]
+    rows = rows if connected else []
+    rows += [("A", "c", float(t), [float(t), 0.0, 0.0], ID, False) for t in range(5)]
+    return rows + [("B", "c", float(t), [0.0, float(t), 0.0], ID, False) for t in range(5, 9)]
+
+
+def reparented(connected: bool = True) -> TransformBuffer:
+    buf = TransformBuffer(cache_sec=20.0)
+    for parent, child, t, tr, q, static in reparenting_samples(connected):
+        buf.set_transform(parent, child, t, tr, q, static=static)
+    return buf
+
+
+def test_reparented_frame_keeps_its_history_each_sample_with_its_parent(caplog):
     with caplog.at_level(logging.WARNING, logger="stllm_core.memory.transforms"):
-        buf.set_transform("map", "base", 5.0, [7.0, 0.0, 0.0], ID)  # base re-parented from odom to map
-        buf.set_transform("odom", "base", 6.0, [0.0, 0.0, 0.0], ID)  # and back
-        buf.set_transform("map", "base", 7.0, [7.0, 0.0, 0.0], ID)  # and again
-    assert buf.counters()["parent_change"] == 3
-    assert buf.parent("base") == "map"
+        buf = reparented(connected=False)
+    # before the change c is found through A (interpolated), after it through B: the parent valid at the stamp
+    np.testing.assert_allclose(buf.lookup("A", "c", 2.0)[:3, 3], [2.0, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(buf.lookup("A", "c", 2.5)[:3, 3], [2.5, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(buf.lookup("B", "c", 7.0)[:3, 3], [0.0, 7.0, 0.0], atol=1e-12)
+    assert (buf.parent("c", 2.0), buf.parent("c", 7.0), buf.parent("c")) == ("A", "B", "B")
+    # between samples of different parents nothing is interpolated: the earlier sample holds (as tf2's getData)
+    np.testing.assert_allclose(buf.lookup("A", "c", 4.5)[:3, 3], [4.0, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(buf.lookup("B", "c", 5.0)[:3, 3], [0.0, 5.0, 0.0], atol=1e-12)
+    # A and B are separate trees here: c at 7 is not in A's tree, at 2 not in B's
+    with pytest.raises(DisconnectedError, match=r"'c' into 'A' at 7\.000000 s"):
+        buf.lookup("A", "c", 7.0)
+    with pytest.raises(DisconnectedError):
+        buf.lookup("B", "c", 2.0)
+    assert buf.frames() == ["A", "B", "c"] and buf.time_range("c") == (0.0, 8.0)
+    assert buf.counters()["parent_change"] == 1
+    assert sum("changed parent from 'A' to 'B' at 5.000000 s" in r.message for r in caplog.records) == 1
+
+
+def test_reparented_frame_resolves_through_the_tree_when_parents_are_connected(caplog):
+    buf = reparented(connected=True)
+    T_world_A, T_world_B = make_transform([1, 0, 0], ID), make_transform([0, 2, 0], yaw(90.0))
+    # at 7 the path is c -> B -> world -> A; at 2 it is c -> A (and the reverse direction through world)
+    expected_7 = np.linalg.inv(T_world_A) @ T_world_B @ make_transform([0, 7, 0], ID)
+    np.testing.assert_allclose(buf.lookup("A", "c", 7.0), expected_7, atol=1e-12)
+    np.testing.assert_allclose(
+        buf.lookup("B", "c", 2.0), np.linalg.inv(T_world_B) @ T_world_A @ make_transform([2, 0, 0], ID), atol=1e-12
+    )
+    np.testing.assert_allclose(buf.lookup("world", "c", 2.0)[:3, 3], [3.0, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(buf.lookup("world", "c", 7.0)[:3, 3], [-7.0, 2.0, 0.0], atol=1e-12)
+    latest = np.linalg.inv(T_world_A) @ T_world_B @ make_transform([0, 8, 0], ID)  # t = 8, through B
+    np.testing.assert_allclose(buf.lookup("A", "c"), latest, atol=1e-12)
+    np.testing.assert_allclose(buf.lookup("A", "c", 0), latest, atol=1e-12)
+    # a late sample relative to the old parent is inserted in place; it is no parent change
+    buf.set_transform("A", "c", 3.5, [30.0, 0.0, 0.0], ID)
+    np.testing.assert_allclose(buf.lookup("A", "c", 3.5)[:3, 3], [30.0, 0.0, 0.0], atol=1e-12)
+    assert buf.counters()["parent_change"] == 1 and buf.counters()["out_of_order"] == 1
+    # and back and forth: every change is counted, warned once per frame
+    with caplog.at_level(logging.WARNING, logger="stllm_core.memory.transforms"):
+        buf.set_transform("A", "c", 9.0, [9.0, 0.0, 0.0], ID)
+        buf.set_transform("B", "c", 10.0, [0.0, 10.0, 0.0], ID)
+    assert buf.counters()["parent_change"] == 3 and buf.parent("c") == "B" and buf.parent("c", 9.5) == "A"
     assert sum("changed parent" in r.message for r in caplog.records) == 1
-    # the history relative to odom is gone; lookups use the new parent only
-    np.testing.assert_allclose(buf.lookup("map", "cam", 7.0)[:3, 3], [7.5, 0.0, 0.2], atol=1e-12)
-    with pytest.raises(ExtrapolationError):
-        buf.lookup("map", "base", 1.0)
+    # the cycle check (current tree) still holds
+    with pytest.raises(InputError, match="cycle"):
+        buf.set_transform("c", "B", 11.0, [0, 0, 0], ID)
+
+
+def test_a_loop_through_older_parents_is_a_lookup_error_not_a_hang():
+    buf = reparented(connected=False)
+    buf.set_transform("c", "A", 8.0, [0.0, 0.0, 0.0], ID)  # allowed: c hangs off B now; but at t = 2, c was under A
+    with pytest.raises(TransformLookupError, match=r"loop at 2\.000000 s.*c -> A -> c"):
+        buf.lookup("B", "c", 2.0)
+    assert buf.counters()["lookup_loop"] == 1
+    np.testing.assert_allclose(buf.lookup("B", "A", 8.0)[:3, 3], [0.0, 8.0, 0.0], atol=1e-12)
+
+
+def test_stamp_zero_means_latest_like_none():
+    buf = robot()  # dynamic samples at 0, 1, 2: stamp 0 is "latest" (t = 2), never the sample at 0.0
+    latest = buf.lookup("map", "cam", None)
+    np.testing.assert_allclose(latest, buf.lookup("map", "cam", 2.0), atol=1e-12)
+    for zero in (0, 0.0, np.float64(0.0), -0.0):
+        np.testing.assert_array_equal(buf.lookup("map", "cam", zero), latest)
+    np.testing.assert_allclose(buf.lookup("map", "base", 0.0)[:3, 3], [3.0, 0.0, 0.0], atol=1e-12)
+    assert buf.latest_common_time("map", "cam") == 2.0 and buf.latest_common_time("base", "cam") == 0.0
+    # the latest COMMON time: the oldest newest sample on the path
+    buf.set_transform("base", "arm", 1.5, [0.0, 0.0, 1.0], ID)
+    assert buf.latest_common_time("map", "arm") == 1.5
+    np.testing.assert_allclose(buf.lookup("arm", "map", 0), buf.lookup("arm", "map", 1.5), atol=1e-12)
+    # data far from t = 0: a literal 0 would extrapolate; 0 = latest works, for lookup and can_transform
+    late = TransformBuffer()
+    late.set_transform("map", "cam", 100.0, [1.0, 0.0, 0.0], ID)
+    late.set_transform("map", "cam", 101.0, [2.0, 0.0, 0.0], ID)
+    assert late.can_transform("map", "cam", 0) and late.can_transform("map", "cam", 0.0)
+    np.testing.assert_allclose(late.lookup("map", "cam", 0.0)[:3, 3], [2.0, 0.0, 0.0], atol=1e-12)
+    assert late.parent("cam", 0) == "map" and not late.can_transform("map", "cam", 50.0)
+    with pytest.raises(UnknownFrameError):
+        late.lookup("map", "nope", 0)
+
+
+def test_nearly_unit_quaternion_of_a_static_transform_is_accepted_and_gives_poses():
+    """static_transform_publisher with rounded components: (0, 0, 0.706, 0.706), |q| = 0.9984 (tf2 accepts it)."""
+    buf = TransformBuffer()
+    buf.set_transform("base", "cam", 0.0, [0.1, 0.0, 0.0], [0.0, 0.0, 0.706, 0.706], static=True)
+    assert buf.counters() == {"static_set": 1}
+    T = buf.lookup("base", "cam", 123.0)
+    np.testing.assert_allclose(T, make_transform([0.1, 0.0, 0.0], yaw(90.0)), atol=1e-12)  # renormalised
+    np.testing.assert_allclose(buf.lookup("cam", "base", 0)[:3, 3], [0.0, 0.1, 0.0], atol=1e-12)
+    with pytest.raises(InputError, match=r"not normalised: \|q\|\^2 = 0\.98 \(tf2 allows 1 \+- 0\.01\)"):
+        buf.set_transform("base", "cam2", 0.0, [0, 0, 0], [0.0, 0.0, 0.7, 0.7], static=True)  # |q|^2 = 0.98
+
+
+def test_out_of_order_samples_give_the_same_lookups_as_in_order():
+    rng = np.random.default_rng(1)
+    edges = {("odom", "base"): np.arange(0.0, 5.01, 0.25), ("base", "arm"): np.arange(0.1, 5.0, 0.3)}
+    samples = [
+        (parent, child, float(t), rng.normal(size=3), Rotation.random(random_state=rng).as_quat())
+        for (parent, child), stamps in edges.items()
+        for t in stamps
+    ]
+    in_order, shuffled = TransformBuffer(cache_sec=10.0), TransformBuffer(cache_sec=10.0)
+    for buf in (in_order, shuffled):
+        buf.set_transform("map", "odom", 0.0, [1.0, 2.0, 3.0], yaw(30.0), static=True)
+    for parent, child, t, tr, q in samples:
+        in_order.set_transform(parent, child, t, tr, q)
+    for k in rng.permutation(len(samples)):
+        parent, child, t, tr, q = samples[k]
+        shuffled.set_transform(parent, child, t, tr, q)
+    assert shuffled.counters()["out_of_order"] > 10 and "out_of_order" not in in_order.counters()
+    assert shuffled.time_range("base") == in_order.time_range("base") and shuffled.stats()["samples"] == len(samples)
+    for target, source in [("map", "arm"), ("arm", "odom"), ("base", "arm")]:
+        for t in [None, 0.0, *np.linspace(0.1, 4.9, 25)]:
+            np.testing.assert_array_equal(shuffled.lookup(target, source, t), in_order.lookup(target, source, t))
 
 
 def test_static_dynamic_switch_and_clear():
@@ -214,6 +332,30 @@ def test_same_lookups_as_tf2_buffer_core():
     for target, source in [("map", "cam"), ("cam", "arm"), ("arm", "odom")]:
         for t in (0.25, 1.0, 1.7):
             ts = core.lookup_transform_core(target, source, Time(sec=int(t), nanosec=int(round((t % 1) * 1e9))))
+            tr, rot = ts.transform.translation, ts.transform.rotation
+            expected = make_transform([tr.x, tr.y, tr.z], [rot.x, rot.y, rot.z, rot.w])
+            np.testing.assert_allclose(ours.lookup(target, source, t), expected, atol=1e-9)
+
+
+def test_reparenting_and_stamp_zero_match_tf2_buffer_core():
+    tf2_ros = pytest.importorskip("tf2_ros", exc_type=ImportError)
+    from builtin_interfaces.msg import Time
+    from geometry_msgs.msg import TransformStamped
+
+    def stamp(t: float) -> Time:
+        return Time(sec=int(t), nanosec=int(round((t % 1) * 1e9)))
+
+    core, ours = tf2_ros.BufferCore(), reparented(connected=True)
+    for parent, child, t, tr, q, static in reparenting_samples(connected=True):
+        msg = TransformStamped()
+        msg.header.frame_id, msg.child_frame_id, msg.header.stamp = parent, child, stamp(t)
+        msg.transform.translation.x, msg.transform.translation.y, msg.transform.translation.z = map(float, tr)
+        r = msg.transform.rotation
+        r.x, r.y, r.z, r.w = map(float, q)
+        (core.set_transform_static if static else core.set_transform)(msg, "test")
+    for target, source in [("A", "c"), ("B", "c"), ("world", "c"), ("c", "A")]:
+        for t in (0.0, 2.0, 2.5, 4.5, 5.0, 7.0, 7.5):  # 0 = latest in both
+            ts = core.lookup_transform_core(target, source, stamp(t))
             tr, rot = ts.transform.translation, ts.transform.rotation
             expected = make_transform([tr.x, tr.y, tr.z], [rot.x, rot.y, rot.z, rot.w])
             np.testing.assert_allclose(ours.lookup(target, source, t), expected, atol=1e-9)

@@ -48,6 +48,8 @@ import numpy as np
 
 from stllm_core.config import check, check_choice
 from stllm_core.data.sensor_arrays import (  # noqa: F401  (pack_rgb/unpack_rgb re-exported)
+    compressed_depth_to_metres,
+    compressed_to_rgb,
     image_to_depth,
     image_to_rgb,
     pack_rgb,
@@ -64,6 +66,7 @@ DEFAULT_START_NS = 1_700_000_000 * 10**9  # 2023-11-14T22:13:20Z: a fixed start 
 STORAGES = ("mcap", "sqlite3")
 DEPTH_ENCODINGS = ("32FC1", "16UC1", "none")
 LATCHED_TOPICS = ("/tf_static", "/scene/points")
+COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 RIGID_TOL = 1e-4
 
 #: Rotation of the OpenCV optical frame in the camera body frame (columns: optical x, y, z expressed in camera_link).
@@ -662,6 +665,10 @@ def read_bag_clip(
     Poses are resolved through /tf_static and /tf (interpolated between /tf samples; up to `tf_tolerance_sec` beyond
     the ends). K comes from the camera_info with the image's stamp, else the latest earlier one. Depth is matched to the
     image by stamp. The scene is the last cloud on `points_topic` (in world_frame) or empty.
+    The image and depth topics may carry sensor_msgs/Image (any encoding of sensor_arrays' COLOR_ENCODINGS /
+    DEPTH_ENCODINGS) or sensor_msgs/CompressedImage (image_transport "compressed" jpeg/png for colour, e.g.
+    /camera/color/image_raw/compressed; "compressedDepth" png for depth). Depth without a measurement (NaN, 0 mm,
+    +-Inf per REP-117) is NaN in the frames.
     """
     reader = BagReader(path)
     topics = [t.name for t in reader.info.topics]
@@ -692,9 +699,12 @@ def read_bag_clip(
         elif m.topic == camera_info_topic:
             infos.append((_stamp_ns(msg.header), np.asarray(msg.k, np.float64).reshape(3, 3)))
         elif m.topic == image_topic:
-            images.append((_stamp_ns(msg.header), msg.header.frame_id, decode(m, image_to_rgb, msg)))
+            to_rgb = compressed_to_rgb if m.msgtype == COMPRESSED_IMAGE else image_to_rgb
+            images.append((_stamp_ns(msg.header), msg.header.frame_id, decode(m, to_rgb, msg)))
         elif depth_topic and m.topic == depth_topic:
-            depths[_stamp_ns(msg.header)] = decode(m, image_to_depth, msg)
+            depth = decode(m, compressed_depth_to_metres if m.msgtype == COMPRESSED_IMAGE else image_to_depth, msg)
+            depth[~np.isfinite(depth)] = np.nan  # +-Inf (too near / too far) is no measurement, like NaN
+            depths[_stamp_ns(msg.header)] = depth
         elif points_topic and m.topic == points_topic:
             xyz, rgb = decode(m, pointcloud2_to_xyz_rgb, msg)
             rgb = np.full((len(xyz), 3), 255, np.uint8) if rgb is None else rgb
