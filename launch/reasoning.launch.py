@@ -7,7 +7,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch_ros.actions import LifecycleNode, Node
 
-from stllm_ros.stack import LAUNCH_ARGUMENTS, NODES, default_params_file
+from stllm_ros.stack import LAUNCH_ARGUMENTS, NODES, REPLAY_PARAMS, default_params_file, player_arguments
 
 
 def _nodes(context):
@@ -15,8 +15,10 @@ def _nodes(context):
     from launch.substitutions import LaunchConfiguration
 
     bag = get(LaunchConfiguration("bag"))
-    use_sim_time = bool(bag) or get(LaunchConfiguration("use_sim_time")).lower() in ("1", "true", "yes")
-    overrides = {"use_sim_time": use_sim_time}
+    # with a bag: the replay parameters of stllm-run (sim time, reliable deep sensor QoS); arguments given still win
+    overrides = dict(REPLAY_PARAMS) if bag else {}
+    if bag or get(LaunchConfiguration("use_sim_time")).lower() in ("1", "true", "yes"):
+        overrides["use_sim_time"] = True
     for arg, (param, _help) in LAUNCH_ARGUMENTS.items():
         value = get(LaunchConfiguration(arg))
         if value != "":
@@ -33,7 +35,9 @@ def _nodes(context):
         for spec in NODES
     ]
     if bag:
-        actions.append(Node(package="stllm_ros", executable="stllm-play", arguments=[bag, "--clock"], output="screen"))
+        # the same replay as stllm-run --bag: /clock, started once the reasoner subscribes (after its model loaded)
+        actions.append(Node(package="stllm_ros", executable="stllm-play", arguments=player_arguments(bag),
+                            output="screen"))
     return actions
 
 

@@ -23,7 +23,11 @@ QoS: camera topics use `sensor_qos` ("sensor_data" = best effort, depth 5, match
 publishers; "reliable" only matches reliable publishers but never loses a frame on the wire). Large frames over DDS
 between processes need the SHM profile in config/fastdds_localhost.xml with best effort (see the README, "DDS").
 /tf is reliable volatile depth 100, /tf_static reliable transient-local depth 100 (as tf2_ros), the map is reliable
-transient-local depth 1 (RViz late joiners get it), /diagnostics reliable depth 10.
+transient-local depth 1 (RViz late joiners get it), /diagnostics reliable depth 10. The points subscription's durability
+is `points_durability`: "auto" (default) adapts to the publishers present when perception starts, as `ros2 topic echo`
+does: reliable transient local when they all offer it (a latched map, or `ros2 bag play` of a recorded latched topic,
+reaches this late subscriber), else the sensor QoS (a live mapper's volatile cloud, which a transient-local reader would
+not match).
 
 Bad input never crashes and never yields a wrong pose: each cause is counted in `stats()["bad_input"]` (the item is
 dropped) and logged at most once per `log_throttle_sec` per cause with the running count. An image, depth image or
@@ -78,6 +82,7 @@ class PerceptionConfig:
     camera_frame: str = ""  # "" = the image header's frame_id (the optical frame, REP-103)
     sensor_qos: str = "sensor_data"  # "sensor_data" (best effort) | "reliable"
     sensor_depth: int = 5  # history of the image/info/depth/points subscriptions (5 = the sensor-data profile)
+    points_durability: str = "auto"  # "auto" (the publishers' when perception starts) | "volatile" | "transient_local"
     queue_size: int = 8  # converted messages waiting for the worker; drop-oldest beyond
     max_pending: int = 32  # items waiting for their TF; drop-oldest beyond
     pose_wait_sec: float = 0.5  # wall time an item may wait for TF at its stamp before it is dropped
@@ -105,6 +110,7 @@ class PerceptionConfig:
         check(bool(self.camera_info_topic), "camera_info_topic", self.camera_info_topic, "a topic name")
         check(bool(self.world_frame) and "/" not in self.world_frame, "world_frame", self.world_frame, "a frame id")
         check_choice("sensor_qos", self.sensor_qos, ("sensor_data", "reliable"))
+        check_choice("points_durability", self.points_durability, ("auto", "volatile", "transient_local"))
         for name in ("queue_size", "max_pending", "depth_stride", "sensor_depth"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
@@ -143,6 +149,17 @@ def _qos(reliable: bool, depth: int, transient: bool = False) -> QoSProfile:
         reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
         durability=DurabilityPolicy.TRANSIENT_LOCAL if transient else DurabilityPolicy.VOLATILE,
     )
+
+
+def points_transient_local(durability: str, offered: list[QoSProfile]) -> bool:
+    """Whether the points subscription is reliable transient local (else the sensor QoS): `durability` ("auto" |
+    "volatile" | "transient_local"), `offered` the QoS of the topic's publishers. "auto": when there are publishers and
+    they all offer reliable transient local (the late-joiner history is delivered over the reliable protocol; a reliable
+    reader would not match a best-effort writer)."""
+    if durability != "auto":
+        return durability == "transient_local"
+    return bool(offered) and all(q.durability == DurabilityPolicy.TRANSIENT_LOCAL
+                                 and q.reliability == ReliabilityPolicy.RELIABLE for q in offered)
 
 
 class Perception:
@@ -206,7 +223,7 @@ class Perception:
             (TFMessage, config.tf_static_topic, self._on_tf_static, _qos(True, 100, transient=True), tf_group),
             (Image, config.depth_topic, self._on_depth, sensor, sensors),
             (CameraInfo, config.depth_info_topic, self._on_depth_info, sensor, sensors),
-            (PointCloud2, config.points_topic, self._on_points, sensor, sensors),
+            (PointCloud2, config.points_topic, self._on_points, self._points_qos(node, sensor), sensors),
         ]
         self._subs = [
             node.create_subscription(msg_type, topic, callback, qos, callback_group=group)
@@ -365,6 +382,15 @@ class Perception:
             self._bad_input("no_stamp", f"{what} with a zero header stamp: it cannot be placed in time (dropped)")
             return None
         return stamp
+
+    def _points_qos(self, node, sensor: QoSProfile) -> QoSProfile:
+        topic = self.config.points_topic
+        offered = []
+        if topic and self.config.points_durability == "auto":
+            offered = [info.qos_profile for info in node.get_publishers_info_by_topic(node.resolve_topic_name(topic))]
+        if not points_transient_local(self.config.points_durability, offered):
+            return sensor
+        return _qos(True, self.config.sensor_depth, transient=True)
 
     def _on_image(self, msg: Image) -> None:
         self._count("images_received")

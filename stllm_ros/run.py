@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from stllm_ros.stack import LAUNCH_ARGUMENTS, NODES, default_params_file
+from stllm_ros.stack import LAUNCH_ARGUMENTS, NODES, REPLAY_PARAMS, default_params_file, player_arguments
 
 
 def node_command(spec, params_file: str, params: list[str]) -> list[str]:
@@ -33,10 +33,7 @@ def node_command(spec, params_file: str, params: list[str]) -> list[str]:
 def player_command(bag: str, rate: float, loop: bool) -> list[str]:
     exe = shutil.which("stllm-play")
     cmd = [exe] if exe else [sys.executable, "-m", "stllm_ros.bag_player"]
-    # Wait until the reasoner subscribes (it subscribes to all its inputs at once when configured, after the model has
-    # loaded: minutes on a first start), then let the other topics match, so that no frame is lost.
-    cmd += [bag, "--rate", str(rate), "--clock", "--wait-for-subscribers", "600", "--any-subscriber", "--delay", "2.0"]
-    return cmd + (["--loop"] if loop else [])
+    return cmd + player_arguments(bag, rate, loop)
 
 
 def parse_param(text: str) -> str:
@@ -69,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     params_file = args.params_file or str(default_params_file())
     if not os.path.exists(params_file):
         p.error(f"parameters file {params_file} does not exist")
-    # Replaying a bag: sim time, and lossless delivery (reliable, deep history) unless the user says otherwise; best
-    # effort (the camera default) drops frames whenever the node lags a few frames behind. Later -p entries win.
-    replay = ["use_sim_time:=true", "perception.sensor_qos:=reliable", "perception.sensor_depth:=100"]
+    replay = [f"{k}:={str(v).lower() if isinstance(v, bool) else v}" for k, v in REPLAY_PARAMS.items()]  # -p later wins
     params = (replay if args.bag else []) + list(args.param)
     if args.bag and not os.path.exists(args.bag):
         p.error(f"bag {args.bag} does not exist")

@@ -30,6 +30,19 @@ LAUNCH_ARGUMENTS = {
 }
 
 
+# Replaying a bag: sim time, and lossless delivery (reliable, deep history) unless the user says otherwise; best effort
+# (the camera default) drops frames whenever the node lags a few frames behind. User parameters given later win.
+REPLAY_PARAMS = {"use_sim_time": True, "perception.sensor_qos": "reliable", "perception.sensor_depth": 100}
+
+
+def player_arguments(bag: str, rate: float = 1.0, loop: bool = False) -> list[str]:
+    """stllm-play's arguments for a replay into the stack: /clock, and wait until the reasoner subscribes (it subscribes
+    to all its inputs at once when configured, after the model has loaded: minutes on a first start), then let the
+    other topics match, so that no frame is lost."""
+    args = [bag, "--rate", str(rate), "--clock", "--wait-for-subscribers", "600", "--any-subscriber", "--delay", "2.0"]
+    return args + (["--loop"] if loop else [])
+
+
 def default_params_file() -> Path:
     """config/reasoner.yaml: in the source tree, or in share/stllm_ros/config of an install."""
     here = Path(__file__).resolve()

@@ -94,3 +94,17 @@ def test_stllm_run_and_launch_share_one_node_list():
     assert [n.executable for n in NODES] == ["stllm-reasoner"]
     params = [param for param, _help in LAUNCH_ARGUMENTS.values()]
     assert all(p.startswith(("perception.", "model", "backend", "device")) for p in params)
+
+
+def test_launch_bag_and_stllm_run_bag_replay_the_same_way():
+    """`ros2 launch ... bag:=` and `stllm-run --bag` share the replay: sim time, reliable deep sensor QoS, and a player
+    that waits for the reasoner's subscriptions (it subscribes only after its model loaded)."""
+    from stllm_ros.run import player_command
+    from stllm_ros.stack import REPLAY_PARAMS, player_arguments
+
+    source = (ROOT / "launch" / "reasoning.launch.py").read_text()
+    assert "player_arguments(bag)" in source and "dict(REPLAY_PARAMS) if bag" in source
+    args = player_arguments("some.mcap")
+    assert args[0] == "some.mcap" and "--clock" in args and "--wait-for-subscribers" in args
+    assert player_command("some.mcap", 1.0, False)[-len(args):] == args
+    assert REPLAY_PARAMS["use_sim_time"] is True and REPLAY_PARAMS["perception.sensor_qos"] == "reliable"

@@ -613,3 +613,41 @@ def test_standalone_node_publishes_map_and_diagnostics_and_saves_on_sigint(tmp_p
         assert rclpy.ok(context=host.context)
     assert "map saved to" in proc.output, proc.output[-3000:]
     assert path.exists()
+
+
+def test_a_latched_cloud_published_before_perception_starts_reaches_it():
+    """points_durability "auto": a map latched (reliable, transient local) before perception subscribes - a mapper
+    that publishes once, or `ros2 bag play` of a recorded latched topic - still reaches it; "volatile" misses it; a
+    best-effort volatile publisher (a live mapper) keeps the sensor QoS, which matches it."""
+    import rclpy
+
+    from stllm_ros.perception import points_transient_local
+
+    latched_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    live_qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
+    assert points_transient_local("auto", [latched_qos]) and not points_transient_local("auto", [])
+    assert not points_transient_local("auto", [latched_qos, live_qos]) and points_transient_local("transient_local", [])
+    xyz = np.array([[1.0, 0.0, 0.0], [1.5, 0.0, 0.0]])
+    with RosTestNode("perception_latched") as host:
+        mapper = rclpy.create_node("mapper", context=host.context)
+        host.executor.add_node(mapper)
+        pub = mapper.create_publisher(PointCloud2, "/l/points", latched_qos)
+        pub.publish(cv.array_to_pointcloud2(xyz, None, 5.0, "map"))  # once, before anyone listens
+        received = {}
+        for durability in ("auto", "volatile"):
+            perception = Perception(host.node, PerceptionConfig(
+                image_topic="/l/image", camera_info_topic="/l/info", points_topic="/l/points", map_topic="",
+                diagnostics_topic="", points_durability=durability))
+            try:
+                if durability == "auto":
+                    _wait_count(perception, "clouds_received", 1, timeout=30)
+                else:
+                    time.sleep(2.0)
+                received[durability] = perception.stats()["counts"].get("clouds_received", 0)
+            finally:
+                perception.close()
+        mapper.destroy_node()
+    assert received == {"auto": 1, "volatile": 0}, received
+    with pytest.raises(ConfigError, match="points_durability"):
+        PerceptionConfig(points_durability="latched")
