@@ -4,16 +4,23 @@ configure: reads parameters, loads the model (a failure leaves the node unconfig
 (image, camera_info, depth, points, /tf, /tf_static -> frame buffer and scene map, hosted in this process so clips are
 taken without copies over DDS). activate: questions are answered. `autostart` (default true) configures and activates at
 start, as nav2's lifecycle manager does. The service exists in every state; outside `active` it answers
-`success: false` with the reason.
+`success: false` with the reason. autostart runs once the executor spins, so the lifecycle and parameter services
+answer while the model loads (`ros2 lifecycle get /stllm/reasoner` says "configuring").
+
+Parameters are read when the node is configured. While it is configured, `ros2 param set` of one of them is refused
+with the reason (rather than accepted and ignored): cleanup, set, configure. Cleanup also stops perception, so changed
+`perception.*` parameters (topics, frames, QoS) apply at the next configure.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
 
 import rclpy
 from builtin_interfaces.msg import Time
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -43,6 +50,7 @@ class ReasonerNode(LifecycleNode):
         self.declare_parameter("autostart", True)
         guard_config(self, ReasonerConfig)
         guard_config(self, PerceptionConfig, prefix="perception.")
+        self.add_on_set_parameters_callback(self._refuse_while_configured)
         self.config = read_config(self, ReasonerConfig)
         self.reasoner: Reasoner | None = None
         self.perception: Perception | None = None
@@ -53,6 +61,14 @@ class ReasonerNode(LifecycleNode):
         )
         self.answers = self.create_publisher(Answer, self.config.answers_topic, 10)
         self.partial = self.create_publisher(String, self.config.partial_topic, 10)
+
+    def _refuse_while_configured(self, params: list) -> SetParametersResult:
+        changed = [p.name for p in params if p.name not in ("use_sim_time", "autostart")]
+        if self.reasoner is None or not changed:
+            return SetParametersResult(successful=True)
+        return SetParametersResult(successful=False, reason=(
+            f"{', '.join(changed)}: read when the node is configured; cleanup it "
+            f"(ros2 lifecycle set {self.get_fully_qualified_name()} cleanup), set the parameter, then configure"))
 
     # lifecycle ----------------------------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -103,13 +119,14 @@ class ReasonerNode(LifecycleNode):
         if self.reasoner is not None:
             self.reasoner.close()
             self.reasoner = None
+        if self.perception is not None:  # the next configure starts it with the perception.* parameters of then
+            self.perception.close()
+            self.perception = None
         self._not_ready = "the reasoner is not configured (no model is loaded)"
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.on_cleanup(state)
-        if self.perception is not None:
-            self.perception.close()
         return TransitionCallbackReturn.SUCCESS
 
     # service ------------------------------------------------------------------------------------------------------
@@ -171,11 +188,16 @@ def main(args=None) -> int:
     node = ReasonerNode()
     executor = MultiThreadedExecutor(num_threads=node.config.queue_size + 4)
     executor.add_node(node)
+    def autostart() -> None:  # in its own thread: the executor serves lifecycle/parameter requests meanwhile
+        if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            node.trigger_activate()
+        node.get_logger().info("stllm reasoner up")  # configured and active, or unconfigured saying why
+
     try:
         if node.get_parameter("autostart").value:
-            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                node.trigger_activate()
-        node.get_logger().info("stllm reasoner up")
+            threading.Thread(target=autostart, name="stllm-autostart", daemon=True).start()
+        else:
+            node.get_logger().info("stllm reasoner up")
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

@@ -158,3 +158,36 @@ def test_lifecycle_configure_loads_and_activate_serves(ros):
             if after:
                 assert not res.success and after in res.error, res.error
         assert not res.success and "no camera frames" in res.error  # active: answering, only no frames yet
+
+
+def test_parameters_of_a_configured_reasoner_are_refused_with_a_reason_then_apply_after_cleanup(ros):
+    """`ros2 param set` of a parameter read at configure is refused while configured (not accepted and ignored);
+    after cleanup it is accepted, and the next configure uses it (perception is restarted with its parameters)."""
+    from lifecycle_msgs.msg import State, Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    with reasoner("model:=tiny-random", "service_name:=/t/ask_pr", ns="/pr") as proc:
+        proc.wait_for_output("stllm reasoner up", timeout=180)
+        set_params = ros.node.create_client(SetParameters, "/pr/reasoner/set_parameters")
+        change = ros.node.create_client(ChangeState, "/pr/reasoner/change_state")
+        get_state = ros.node.create_client(GetState, "/pr/reasoner/get_state")
+        for c in (set_params, change, get_state):
+            ros.wait_for_service(c)
+
+        def set_temperature(value: float):
+            p = Parameter(name="temperature", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE,
+                                                                   double_value=value))
+            return ros.call(set_params, SetParameters.Request(parameters=[p]), timeout=60).results[0]
+
+        res = set_temperature(0.7)
+        assert not res.successful and "cleanup" in res.reason and "temperature" in res.reason, res.reason
+        for tid, state in ((Transition.TRANSITION_DEACTIVATE, State.PRIMARY_STATE_INACTIVE),
+                           (Transition.TRANSITION_CLEANUP, State.PRIMARY_STATE_UNCONFIGURED)):
+            ros.call(change, ChangeState.Request(transition=Transition(id=tid)), timeout=60)
+            assert ros.call(get_state, GetState.Request(), timeout=60).current_state.id == state
+        assert set_temperature(0.7).successful
+        ros.call(change, ChangeState.Request(transition=Transition(id=Transition.TRANSITION_CONFIGURE)), timeout=180)
+        assert ros.call(get_state, GetState.Request(), timeout=60).current_state.id == State.PRIMARY_STATE_INACTIVE
+        assert proc.returncode is None, proc.output[-3000:]
