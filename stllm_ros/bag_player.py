@@ -9,13 +9,17 @@ each message's stored CDR bytes unchanged on a publisher of the recorded type, a
 
 - Types: resolved by importing ``pkg.msg`` (``pkg.srv`` for service events). A type that is not importable is skipped:
   one warning per type and a count in the final summary.
-- QoS: topics in ``--latched`` (default /tf_static and /scene/points) and topics recorded with a transient-local
-  offered QoS get RELIABLE + TRANSIENT_LOCAL, depth 100 (late subscribers still get them); every other topic RELIABLE +
-  VOLATILE, depth 100. Latched messages before ``--start-offset`` are still published at the start (they describe
-  state, e.g. static transforms), other earlier messages are not.
+- QoS, as ``ros2 bag play``: each topic is offered with its recorded QoS (reliability, durability, history depth; a
+  topic recorded without a profile: reliable, depth 100). Topics in ``--latched`` (default /tf_static and
+  /scene/points) are transient local as well. ``--qos-profile-overrides-path FILE`` overrides per topic with rosbag2's
+  YAML (``/topic: {reliability: reliable|best_effort, durability: volatile|transient_local, history: keep_last,
+  depth: N}``); ``--reliable`` offers every topic reliable, depth 100 (lossless into reliable subscribers; stllm-run
+  uses it). Latched messages before ``--start-offset`` are still published at the start (they describe state, e.g.
+  static transforms), other earlier messages are not.
 - Timing: message i is due at wall time t0 + (stamp_i - start) / rate on a monotonic clock, so delays do not add up.
 - ``--clock``: publishes rosgraph_msgs/Clock on /clock (best effort, depth 1, as rosbag2) with the bag time at
-  ``--clock-hz`` and before every message; nodes with ``use_sim_time`` follow the bag.
+  ``--clock-hz`` and before every message; nodes with ``use_sim_time`` follow the bag. A /clock recorded in the bag
+  is then not played (one clock in the graph).
 - ``--wait-for-subscribers SEC``: before playing, wait up to SEC for every played topic to have a subscriber
   (with ``--any-subscriber``: for one of them, e.g. a node that subscribes to its inputs all at once when configured).
 - Exits 0 at the end of the bag (after waiting for reliable subscribers to acknowledge), 0 on Ctrl-C, 2 on a bad bag.
@@ -50,6 +54,8 @@ class PlayerConfig:
     any_subscriber: bool = False  # wait for one played topic to have a subscriber instead of all
     delay: float = 0.0  # seconds to sleep before playing (after waiting for subscribers), as `ros2 bag play --delay`
     latched: tuple[str, ...] = LATCHED_TOPICS
+    reliable: bool = False  # offer every topic reliable, depth 100 (instead of the recorded QoS)
+    qos_overrides: dict[str, dict] = field(default_factory=dict)  # bag topic -> rosbag2 QoS override
     ack_timeout: float = 10.0  # seconds to wait at the end for reliable subscribers to acknowledge
 
     def __post_init__(self) -> None:
@@ -62,6 +68,58 @@ class PlayerConfig:
         for old, new in self.remap.items():
             check(old.startswith("/") and new.startswith("/"), "remap", f"{old}:={new}",
                   "absolute topic names, /old:=/new")
+
+
+QOS_KEYS = {"reliability": ("reliable", "best_effort", "system_default"),
+            "durability": ("volatile", "transient_local", "system_default"),
+            "history": ("keep_last", "keep_all", "system_default")}
+
+
+def load_qos_overrides(path: str) -> dict[str, dict]:
+    """rosbag2's --qos-profile-overrides-path YAML: {topic: {reliability, durability, history, depth}} (other keys
+    of rosbag2's profile, e.g. deadline, are refused by name rather than silently ignored)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path, encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise STLLMError(f"--qos-profile-overrides-path {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise STLLMError(f"--qos-profile-overrides-path {path}: expected a mapping of topic -> QoS, "
+                         f"got {type(data).__name__}")
+    for topic, prof in data.items():
+        if not isinstance(prof, dict):
+            raise STLLMError(f"{path}: the QoS of {topic!r} must be a mapping, got {prof!r}")
+        for key, value in prof.items():
+            if key == "depth":
+                if not (isinstance(value, int) and value >= 0):
+                    raise STLLMError(f"{path}: {topic} depth must be an integer >= 0, got {value!r}")
+            elif key in QOS_KEYS:
+                if str(value).lower() not in QOS_KEYS[key]:
+                    raise STLLMError(f"{path}: {topic} {key} {value!r}; expected one of {', '.join(QOS_KEYS[key])}")
+            else:
+                raise STLLMError(f"{path}: {topic}: unsupported QoS key {key!r} (supported: depth, "
+                                 f"{', '.join(QOS_KEYS)})")
+    return data
+
+
+def topic_qos(topic, config: PlayerConfig):
+    """The QoSProfile stllm-play offers on a bag topic (TopicInfo): recorded, --latched, --reliable, overrides."""
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    latched = topic.latched or topic.name in config.latched
+    reliable = topic.reliable or config.reliable
+    depth = 100 if config.reliable or not topic.depth else topic.depth
+    qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
+                     reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
+                     durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
+    enums = {"reliability": ReliabilityPolicy, "durability": DurabilityPolicy, "history": HistoryPolicy}
+    for key, value in config.qos_overrides.get(topic.name, {}).items():
+        if key == "depth":
+            qos.depth = int(value)
+        else:
+            setattr(qos, key, enums[key][str(value).upper()])
+    return qos
 
 
 def parse_remap(items: list[str]) -> dict[str, str]:
@@ -97,7 +155,7 @@ class BagPlayer:
     """Publishes a bag through `node` (an rclpy Node); `play(stop)` runs in the calling thread until the end or stop."""
 
     def __init__(self, node, config: PlayerConfig, reader: BagReader | None = None):
-        from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
         self.node = node
         self.config = config
@@ -111,11 +169,17 @@ class BagPlayer:
         unknown = [t for t in config.remap if t not in known]
         if unknown:
             raise STLLMError(f"--remap of {unknown}: not in bag {config.bag}; it has {sorted(known)}.")
+        unknown = [t for t in config.qos_overrides if t not in known]
+        if unknown:
+            raise STLLMError(f"QoS overrides of {unknown}: not in bag {config.bag}; it has {sorted(known)}.")
         self.publishers = {}  # bag topic -> publisher
         self.latched: set[str] = set()  # bag topics published transient-local
         self.unavailable: dict[str, str] = {}  # bag topic -> msgtype
         for t in self.info.topics:
             if config.topics and t.name not in config.topics:
+                continue
+            if config.clock and config.remap.get(t.name, t.name) == "/clock":
+                self.log.info(f"{t.name}: the bag's recorded clock is not played (--clock publishes the bag time)")
                 continue
             try:
                 cls = message_class(t.msgtype)
@@ -124,11 +188,9 @@ class BagPlayer:
                 self.log.warning(f"type {t.msgtype} of {t.name} is not importable ({e}); its {t.count} message(s) "
                                  f"will be skipped")
                 continue
-            latched = t.latched or t.name in config.latched
-            if latched:
+            qos = topic_qos(t, config)
+            if qos.durability == DurabilityPolicy.TRANSIENT_LOCAL:
                 self.latched.add(t.name)
-            qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
             self.publishers[t.name] = node.create_publisher(cls, config.remap.get(t.name, t.name), qos)
         self.stats = PlayStats()
         self.clock_pub = None
@@ -232,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sleep SEC seconds before playing (lets discovery settle after --wait-for-subscribers)")
     p.add_argument("--latched", nargs="*", default=list(LATCHED_TOPICS), metavar="TOPIC",
                    help="topics published transient-local (default: %(default)s)")
+    p.add_argument("--reliable", action="store_true",
+                   help="offer every topic reliable, depth 100, instead of its recorded QoS (lossless replay)")
+    p.add_argument("--qos-profile-overrides-path", metavar="FILE",
+                   help="rosbag2's per-topic QoS overrides YAML (reliability, durability, history, depth)")
     p.add_argument("--info", action="store_true", help="print what is in the bag and exit")
     return p
 
@@ -252,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PlayerConfig(bag=args.bag, rate=args.rate, remap=parse_remap(args.remap), topics=tuple(args.topics),
                            clock=args.clock, clock_hz=args.clock_hz, loop=args.loop, start_offset=args.start_offset,
                            wait_for_subscribers=args.wait_for_subscribers, any_subscriber=args.any_subscriber,
-                           delay=args.delay,
-                           latched=tuple(args.latched))
+                           delay=args.delay, latched=tuple(args.latched), reliable=args.reliable,
+                           qos_overrides=(load_qos_overrides(args.qos_profile_overrides_path)
+                                          if args.qos_profile_overrides_path else {}))
     except (STLLMError, argparse.ArgumentTypeError) as e:
         print(f"stllm-play: {e}", file=sys.stderr)
         return 2

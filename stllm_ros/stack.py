@@ -36,10 +36,12 @@ REPLAY_PARAMS = {"use_sim_time": True, "perception.sensor_qos": "reliable", "per
 
 
 def player_arguments(bag: str, rate: float = 1.0, loop: bool = False) -> list[str]:
-    """stllm-play's arguments for a replay into the stack: /clock, and wait until the reasoner subscribes (it subscribes
-    to all its inputs at once when configured, after the model has loaded: minutes on a first start), then let the
-    other topics match, so that no frame is lost."""
-    args = [bag, "--rate", str(rate), "--clock", "--wait-for-subscribers", "600", "--any-subscriber", "--delay", "2.0"]
+    """stllm-play's arguments for a replay into the stack: /clock; every topic reliable (the replay parameters subscribe
+    reliably, which a best-effort recorded camera topic would not match); wait until the reasoner subscribes (it
+    subscribes to all its inputs at once when configured, after the model has loaded: minutes on a first start), then
+    let the other topics match, so that no frame is lost."""
+    args = [bag, "--rate", str(rate), "--clock", "--reliable", "--wait-for-subscribers", "600", "--any-subscriber",
+            "--delay", "2.0"]
     return args + (["--loop"] if loop else [])
 
 

@@ -255,3 +255,72 @@ def test_info_prints_topics_like_ros2_bag_info(capsys):
     assert "Messages: 20" in out and "std_msgs/msg/String" in out and "/rosout" in out
     assert main([str(EXTERNAL / "talker_mcap"), "--rate", "-1"]) == 2
     assert "rate" in capsys.readouterr().err
+
+
+def _bag_with_recorded_qos(path: Path) -> Path:
+    """A bag as `ros2 bag record` writes one of a camera driver: best-effort depth-5 images, a reliable latched
+    /tf_static, and a recorded /clock."""
+    from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
+    from rosbags.rosbag2 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_KILTED)
+    zero = QosTime(sec=0, nsec=0)
+
+    def qos(reliability, durability, depth):
+        return [Qos(history=QosHistory.KEEP_LAST, depth=depth, reliability=reliability, durability=durability,
+                    deadline=zero, lifespan=zero, liveliness=QosLiveliness.AUTOMATIC, liveliness_lease_duration=zero,
+                    avoid_ros_namespace_conventions=False)]
+
+    Clock, Time = ts.types["rosgraph_msgs/msg/Clock"], ts.types["builtin_interfaces/msg/Time"]
+    Header, String = ts.types["std_msgs/msg/Header"], ts.types["std_msgs/msg/String"]
+    with Writer(path, version=9) as w:
+        cam = w.add_connection("/cam/info", "std_msgs/msg/Header", typestore=ts,
+                               offered_qos_profiles=qos(QosReliability.BEST_EFFORT, QosDurability.VOLATILE, 5))
+        static = w.add_connection("/tf_static", "std_msgs/msg/String", typestore=ts,
+                                  offered_qos_profiles=qos(QosReliability.RELIABLE, QosDurability.TRANSIENT_LOCAL, 1))
+        clock = w.add_connection("/clock", "rosgraph_msgs/msg/Clock", typestore=ts,
+                                 offered_qos_profiles=qos(QosReliability.BEST_EFFORT, QosDurability.VOLATILE, 1))
+        for i in range(3):
+            t = 10**9 + i * 10**8
+            stamp = Time(sec=t // 10**9, nanosec=t % 10**9)
+            w.write(cam, t, ts.serialize_cdr(Header(stamp=stamp, frame_id="cam"), "std_msgs/msg/Header"))
+            w.write(clock, t, ts.serialize_cdr(Clock(clock=stamp), "rosgraph_msgs/msg/Clock"))
+        w.write(static, 10**9, ts.serialize_cdr(String(data="tree"), "std_msgs/msg/String"))
+    return path
+
+
+def test_player_offers_the_recorded_qos_with_rosbag2_overrides_and_one_clock(tmp_path):
+    """As `ros2 bag play`: each topic with its recorded QoS (a best-effort camera stays best effort, a latched topic
+    transient local); --reliable and rosbag2's --qos-profile-overrides-path YAML override it; with --clock the bag's
+    recorded /clock is not played beside the player's own."""
+    from rclpy.qos import HistoryPolicy
+
+    from stllm_ros.bag_player import BagPlayer, PlayerConfig, load_qos_overrides
+
+    bag = _bag_with_recorded_qos(tmp_path / "qos_bag")
+    info = {t.name: t for t in BagReader(bag).info.topics}
+    assert (info["/cam/info"].reliable, info["/cam/info"].depth) == (False, 5) and info["/tf_static"].latched
+    overrides = tmp_path / "overrides.yaml"
+    overrides.write_text("/cam/info:\n  reliability: reliable\n  history: keep_last\n  depth: 42\n")
+    with RosTestNode("bag_player_qos") as ros:
+        recorded = BagPlayer(ros.node, PlayerConfig(bag=str(bag)))
+        q = recorded.publishers["/cam/info"].qos_profile
+        assert (q.reliability, q.durability, q.depth) == (ReliabilityPolicy.BEST_EFFORT, DurabilityPolicy.VOLATILE, 5)
+        assert recorded.publishers["/tf_static"].qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL
+        assert "/clock" in recorded.publishers  # without --clock the recorded clock is just a topic
+        reliable = BagPlayer(ros.node, PlayerConfig(bag=str(bag), reliable=True, clock=True))
+        q = reliable.publishers["/cam/info"].qos_profile
+        assert (q.reliability, q.depth) == (ReliabilityPolicy.RELIABLE, 100)
+        assert "/clock" not in reliable.publishers
+        over = BagPlayer(ros.node, PlayerConfig(bag=str(bag), qos_overrides=load_qos_overrides(str(overrides))))
+        q = over.publishers["/cam/info"].qos_profile
+        assert (q.reliability, q.history, q.depth) == (ReliabilityPolicy.RELIABLE, HistoryPolicy.KEEP_LAST, 42)
+        with pytest.raises(STLLMError, match=r"QoS overrides of \['/nope'\]"):
+            BagPlayer(ros.node, PlayerConfig(bag=str(bag), qos_overrides={"/nope": {"depth": 1}}))
+    overrides.write_text("/cam/info:\n  deadline: {sec: 1}\n")
+    with pytest.raises(STLLMError, match="unsupported QoS key 'deadline'"):
+        load_qos_overrides(str(overrides))
+    overrides.write_text("/cam/info:\n  reliability: sometimes\n")
+    with pytest.raises(STLLMError, match="reliability 'sometimes'"):
+        load_qos_overrides(str(overrides))

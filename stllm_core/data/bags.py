@@ -116,6 +116,8 @@ class TopicInfo:
     msgtype: str  # e.g. "sensor_msgs/msg/Image"
     count: int  # messages on this topic (from the bag's metadata)
     latched: bool  # offered with transient-local durability
+    reliable: bool = True  # False when every recorded offered QoS profile is best effort (e.g. a camera driver's)
+    depth: int = 0  # the recorded history depth (the largest offered; 0 = not recorded)
 
 
 @dataclass(frozen=True)
@@ -172,11 +174,15 @@ def _typestore():
     return get_typestore(Stores.ROS2_KILTED)
 
 
-def _is_latched(conn) -> bool:
-    from rosbags.interfaces import QosDurability
+def _recorded_qos(conn) -> tuple[bool, bool, int]:
+    """(latched, reliable, depth) of a connection's recorded offered QoS profiles (reliable, depth 0 when none)."""
+    from rosbags.interfaces import QosDurability, QosReliability
 
     profiles = getattr(conn.ext, "offered_qos_profiles", None) or []
-    return any(getattr(q, "durability", None) == QosDurability.TRANSIENT_LOCAL for q in profiles)
+    latched = any(getattr(q, "durability", None) == QosDurability.TRANSIENT_LOCAL for q in profiles)
+    reliable = not profiles or any(getattr(q, "reliability", None) != QosReliability.BEST_EFFORT for q in profiles)
+    depth = max((int(getattr(q, "depth", 0) or 0) for q in profiles), default=0)
+    return latched, reliable, depth
 
 
 class BagReader:
@@ -203,7 +209,10 @@ class BagReader:
         for c in conns:
             prev = topics.get(c.topic)
             cnt = int(c.msgcount) + (prev.count if prev else 0)
-            topics[c.topic] = TopicInfo(c.topic, c.msgtype, cnt, _is_latched(c) or bool(prev and prev.latched))
+            latched, reliable, depth = _recorded_qos(c)
+            if prev:
+                latched, reliable, depth = latched or prev.latched, reliable or prev.reliable, max(depth, prev.depth)
+            topics[c.topic] = TopicInfo(c.topic, c.msgtype, cnt, latched, reliable, depth)
         storage = "sqlite3" if self.path.suffix == ".db3" else "mcap" if self.path.suffix == ".mcap" else ""
         if not storage:
             storage = "sqlite3" if any(self.path.glob("*.db3")) else "mcap"
