@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
-from stllm_core.data.reasim.oracle import parse_question
+from stllm_core.data.reasim.qa import parse_question
 from stllm_core.data.reasim.score import normalize
 
 

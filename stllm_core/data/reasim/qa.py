@@ -13,6 +13,7 @@ Definitions (also in docs/data.md; the tests re-check every answer with their ow
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,6 +99,26 @@ TEMPLATES = {
         "What should the person do next to {goal}?",
     ],
 }
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ..., literal
+    body = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts))
+    return re.compile(body, re.IGNORECASE)
+
+
+_PATTERNS = [(form, _template_pattern(t)) for form, ts in TEMPLATES.items() for t in ts]
+
+
+def parse_question(question: str) -> tuple[str, dict[str, str]]:
+    """(form, fields) of a REA-Sim question: the TEMPLATES key it was written from and the values of its
+    placeholders, e.g. ("find", {"item": "mug"}). ValueError when it matches no template."""
+    q = " ".join(question.split())
+    for form, pattern in _PATTERNS:
+        m = pattern.fullmatch(q)
+        if m:
+            return form, {k: v.strip() for k, v in m.groupdict().items()}
+    raise ValueError(f"not a REA-Sim question: {question[:80]!r}")
 
 
 @dataclass
