@@ -57,46 +57,74 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def _accuracy_of(rows: list[dict], key: str = "correct") -> dict:
+    """stllm-eval's per-type accuracy dict ({type: {correct, wrong, invalid, accuracy, stderr}}, mean_per_type)."""
+    from training.judge import Tally
+
+    tallies: dict[str, Tally] = {"overall": Tally()}
+    for r in rows:
+        tallies["overall"].add(r[key])
+        tallies.setdefault(r["question_type"], Tally()).add(r[key])
+    acc = {k: {"correct": t.correct, "wrong": t.wrong, "invalid": t.invalid, "accuracy": t.accuracy,
+               "stderr": t.stderr} for k, t in tallies.items()}
+    types = [k for k in acc if k != "overall"]
+    acc["mean_per_type"] = sum(acc[k]["accuracy"] for k in types) / len(types)
+    return acc
+
+
 def summarize(eval_dir: Path, write: Path | None) -> dict:
-    """Per-type accuracy table from the stllm-eval results JSONs of scripts/train_smol.sh: the model, its ablations,
-    the question-only model and the rule baseline (from model.json), the stronger question-only baseline per type and
-    the model's margin over it, with the standard error of each accuracy."""
+    """Per-type accuracy table from the stllm-eval results JSONs of scripts/train_smol.sh: the model, the question-only
+    model and the rule baseline (from model.json) on the evaluation records, the stronger question-only baseline per
+    type and the model's margin over it, with the standard error of each accuracy; then each ablation (no video, no
+    points, no camera position) beside the model on the same records (an ablation may run on a subset)."""
     table: dict[str, dict[str, float]] = {}
     stderr: dict[str, dict[str, float]] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {}
 
     def add(name: str, acc: dict) -> None:
         table[name] = {k: v["accuracy"] for k, v in acc.items() if isinstance(v, dict)}
         table[name]["mean_per_type"] = acc["mean_per_type"]
         stderr[name] = {k: v.get("stderr", float("nan")) for k, v in acc.items() if isinstance(v, dict)}
+        counts[name] = {k: v["correct"] + v["wrong"] + v["invalid"] for k, v in acc.items() if isinstance(v, dict)}
 
-    for variant in VARIANTS:
-        path = eval_dir / f"{variant}.json"
-        if not path.is_file():
-            continue
-        res = json.loads(path.read_text())
-        add(variant, res["accuracy"])
-        if variant == "model":
-            counts = {k: v["correct"] + v["wrong"] + v["invalid"] for k, v in res["accuracy"].items()
-                      if isinstance(v, dict)}
-            for name, b in (res.get("baselines") or {}).items():
-                add(name, b["accuracy"])
-    if "model" not in table:
+    path = eval_dir / "model.json"
+    if not path.is_file():
         raise SystemExit(f"no stllm-eval results of the model (model.json) in {eval_dir}")
+    model = json.loads(path.read_text())
+    add("model", model["accuracy"])
+    for name, b in (model.get("baselines") or {}).items():
+        add(name, b["accuracy"])
+    qo = eval_dir / "question-only.json"
+    if qo.is_file():
+        add("question-only", json.loads(qo.read_text())["accuracy"])
     types = [k for k in table["model"] if k not in ("overall", "mean_per_type")]
     baselines = [b for b in ("question-only", "rule") if b in table]
     if baselines:
         table["best baseline"] = {t: max(table[b][t] for b in baselines) for t in [*types, "overall"]}
         table["best baseline"]["mean_per_type"] = sum(table["best baseline"][t] for t in types) / len(types)
         table["margin"] = {t: table["model"][t] - table["best baseline"][t] for t in table["best baseline"]}
+    by_id = {r["id"]: r for r in model["predictions"]}
+    for variant in VARIANTS[1:]:
+        path = eval_dir / f"{variant}.json"
+        if variant == "question-only" or not path.is_file():
+            continue
+        res = json.loads(path.read_text())
+        add(variant, res["accuracy"])
+        same = [by_id[r["id"]] for r in res["predictions"] if r["id"] in by_id]
+        if len(same) != len(by_id):  # the ablation ran on a subset: the model on exactly those records
+            add(f"model@{variant}", _accuracy_of(same))
+        table[f"{variant} cost"] = {t: table[f"model@{variant}" if len(same) != len(by_id) else "model"][t]
+                                    - table[variant][t] for t in table[variant]}
     rows = [*types, "overall", "mean_per_type"]
-    print(f"{'accuracy %':22s}" + "".join(f"{v:>15s}" for v in table) + f"{'n':>6s}")
+    print(f"{'accuracy %':22s}" + "".join(f"{v:>17s}" for v in table))
     for r in rows:
         cells = []
         for v in table:
             se = stderr.get(v, {}).get(r)
-            cells.append(f"{table[v].get(r, float('nan')):7.1f}" + (f" +-{se:4.1f}" if se == se and se else " " * 7))
-        print(f"{r:22s}" + "".join(f"{c:>15s}" for c in cells) + f"{counts.get(r, ''):>6}")
+            n = counts.get(v, {}).get(r)
+            cell = f"{table[v].get(r, float('nan')):6.1f}" + (f" +-{se:4.1f}" if se == se and se else "")
+            cells.append(cell + (f" n{n}" if n else ""))
+        print(f"{r:22s}" + "".join(f"{c:>17s}" for c in cells))
     out = {"accuracy_percent": table, "stderr_percent": stderr, "records": counts, "source": str(eval_dir)}
     if write is not None:
         write.write_text(json.dumps(out, indent=1) + "\n")

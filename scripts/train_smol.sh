@@ -59,17 +59,20 @@ done
 echo "== 5/5 evaluation on the held-out kitchens"
 EVAL="$RUNS/stllm-smol/eval"
 mkdir -p "$EVAL"
-# every 2nd val record: 480 questions (96 per type) from all 48 held-out kitchens
+# every 2nd val record: 480 questions (96 per type) from all 48 held-out kitchens; the ablations on every 2nd of
+# those (240, 48 per type; ~1.2 s per question on 2 cores), compared with the model on the same records
 python -c "import json, sys; json.dump(json.load(open(sys.argv[1]))[::2], open(sys.argv[2], 'w'))" \
     "$DATA/val.json" "$DATA/val_eval.json"
-evaluate() {  # evaluate NAME MODEL [stllm-eval options...]
-    local name=$1 model=$2; shift 2
-    [ -f "$EVAL/$name.json" ] || python -m training.evaluate --model "$model" --data "$DATA/val_eval.json" \
+python -c "import json, sys; json.dump(json.load(open(sys.argv[1]))[::2], open(sys.argv[2], 'w'))" \
+    "$DATA/val_eval.json" "$DATA/val_ablate.json"
+evaluate() {  # evaluate NAME MODEL DATA [stllm-eval options...]
+    local name=$1 model=$2 data=$3; shift 3
+    [ -f "$EVAL/$name.json" ] || python -m training.evaluate --model "$model" --data "$data" \
         --out "$EVAL/$name.json" --device "$DEVICE" --max-new-tokens 48 --no-meteor --no-sentence-sim \
         --tokenizer simple --no-progress "$@"
 }
-evaluate model "$OUT" --rule-train "$DATA/train.json"
-for ablation in no-video no-points no-position; do evaluate "$ablation" "$OUT" "--$ablation"; done
+evaluate model "$OUT" "$DATA/val_eval.json" --rule-train "$DATA/train.json"
+for ablation in no-video no-points no-position; do evaluate "$ablation" "$OUT" "$DATA/val_ablate.json" "--$ablation"; done
 [ -f "$RUNS/stllm-smol-question-only/model/model.safetensors" ] && \
-    evaluate question-only "$RUNS/stllm-smol-question-only/model" --blind
+    evaluate question-only "$RUNS/stllm-smol-question-only/model" "$DATA/val_eval.json" --blind
 python benchmarks/bench_smol.py --summarize "$EVAL" --write "$OUT/eval.json"
