@@ -101,6 +101,10 @@ def test_answers_a_reasim_question_offline(pipe, reasim, qtype, request):
                         "chair"}, ans.text
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 13 is open: the shipped weights answer from the question priors; their prefix hardly moves with the scene "
+    "(tokens up to 0.98 cosine apart, 0.1-0.6 % change with other frames, points or camera positions; 15 % with "
+    "another question). strict: a model that reads the scene makes this test pass, and the mark must then go."))
 def test_the_shipped_prefix_reads_the_scene(pipe, reasim, request):
     """Distinct prefix tokens, and each input moves the prefix: other frames, another map, the cameras' positions
     (the no-position ablation), another question."""
