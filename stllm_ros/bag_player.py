@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                 stop.wait(cfg.delay)
             node.get_logger().info(f"Playing at rate {cfg.rate}{' (loop)' if cfg.loop else ''}")
             stats = player.play(stop)
-            player.wait_for_acks()
+            if not stop.is_set() and rclpy.ok():  # after Ctrl-C the context is shut down: nothing to wait for
+                player.wait_for_acks()
             skipped = dict(stats.skipped) or "none"
             node.get_logger().info(
                 f"Played {sum(stats.published.values())} message(s) on {len(stats.published)} topic(s) in "

@@ -122,7 +122,9 @@ def test_client_round_trip_and_retry(monkeypatch):
         rows, tallies = judge.judge_all(_client(srv.url), items)
     assert [r["verdict"] for r in rows] == [True, False, None, None]
     assert rows[3]["error"] and "HTTP 400" in rows[3]["error"]
-    assert tallies["overall"] == {"correct": 1, "wrong": 1, "invalid": 2, "accuracy": 25.0}
+    assert {k: tallies["overall"][k] for k in ("correct", "wrong", "invalid", "accuracy")} == {
+        "correct": 1, "wrong": 1, "invalid": 2, "accuracy": 25.0}
+    assert abs(tallies["overall"]["stderr"] - 100 * (0.25 * 0.75 / 4) ** 0.5) < 1e-9
     assert tallies["relative_direction"]["accuracy"] == 50.0 and tallies["find_my_item"]["invalid"] == 2
     assert len(srv.requests) == 5  # the 503 was retried once
     req = srv.requests[0]

@@ -51,7 +51,7 @@ def make_example(task: str, rng: np.random.Generator) -> tuple[str, Clip, str]:
     return QUESTIONS[task], Clip(tuple(frames), Scene(pts.astype(np.float32), cols)), answer
 
 
-def train_and_score(blind: bool, steps: int = 300, batch: int = 8, seed: int = 0) -> dict[str, float]:
+def train_and_score(blind: bool, steps: int = 600, batch: int = 8, seed: int = 0, lr: float = 5e-4) -> dict[str, float]:
     """Train every part of a tiny model (its random LM too: a frozen random LM cannot put out words) on the three
     tasks, then the share of greedy answers that start with the right word, per task, on 30 new clips each."""
     torch.manual_seed(seed)
@@ -59,7 +59,7 @@ def train_and_score(blind: bool, steps: int = 300, batch: int = 8, seed: int = 0
     model.apply_trainable(PARTS)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=lr)
     rng = np.random.default_rng(seed)
     tasks = list(QUESTIONS)
     for _ in range(steps):
