@@ -57,26 +57,13 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _accuracy_of(rows: list[dict], key: str = "correct") -> dict:
-    """stllm-eval's per-type accuracy dict ({type: {correct, wrong, invalid, accuracy, stderr}}, mean_per_type)."""
-    from training.judge import Tally
-
-    tallies: dict[str, Tally] = {"overall": Tally()}
-    for r in rows:
-        tallies["overall"].add(r[key])
-        tallies.setdefault(r["question_type"], Tally()).add(r[key])
-    acc = {k: {"correct": t.correct, "wrong": t.wrong, "invalid": t.invalid, "accuracy": t.accuracy,
-               "stderr": t.stderr} for k, t in tallies.items()}
-    types = [k for k in acc if k != "overall"]
-    acc["mean_per_type"] = sum(acc[k]["accuracy"] for k in types) / len(types)
-    return acc
-
-
 def summarize(eval_dir: Path, write: Path | None) -> dict:
     """Per-type accuracy table from the stllm-eval results JSONs of scripts/train_smol.sh: the model, the question-only
     model and the rule baseline (from model.json) on the evaluation records, the stronger question-only baseline per
     type and the model's margin over it, with the standard error of each accuracy; then each ablation (no video, no
     points, no camera position) beside the model on the same records (an ablation may run on a subset)."""
+    from training.evaluate import accuracy_by_type
+
     table: dict[str, dict[str, float]] = {}
     stderr: dict[str, dict[str, float]] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -112,7 +99,7 @@ def summarize(eval_dir: Path, write: Path | None) -> dict:
         add(variant, res["accuracy"])
         same = [by_id[r["id"]] for r in res["predictions"] if r["id"] in by_id]
         if len(same) != len(by_id):  # the ablation ran on a subset: the model on exactly those records
-            add(f"model@{variant}", _accuracy_of(same))
+            add(f"model@{variant}", accuracy_by_type(same))
         table[f"{variant} cost"] = {t: table[f"model@{variant}" if len(same) != len(by_id) else "model"][t]
                                     - table[variant][t] for t in table[variant]}
     rows = [*types, "overall", "mean_per_type"]

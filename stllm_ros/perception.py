@@ -201,7 +201,6 @@ class Perception:
         self._recent: collections.deque[tuple[float, str, np.ndarray, np.ndarray, np.ndarray]] = collections.deque(
             maxlen=8
         )
-        self._tf_parent: dict[str, str] = {}
         self._tf_last_stamp: dict[str, float] = {}
         self._static_tf: dict[str, tuple] = {}
         self._tf_version = 0
@@ -277,8 +276,9 @@ class Perception:
         out["map"] = self.scene_map.stats()
         with self._tf_lock:
             dynamic = [s for c, s in self._tf_last_stamp.items() if c not in self._static_tf]
+            held = self.transforms.stats()
             out["tf"] = {
-                "frames": len(self._tf_parent),
+                "frames": held["static_edges"] + held["dynamic_edges"],  # frames with a parent
                 "static": len(self._static_tf),
                 "latest_stamp": max(dynamic) if dynamic else None,
                 "last_rx_age_sec": None if self._tf_last_rx is None else time.monotonic() - self._tf_last_rx,
@@ -515,7 +515,6 @@ class Perception:
                     error = str(e)
                 else:
                     error = ""
-                    self._tf_parent[child] = self.transforms.parent(child) or parent  # the latest parent
                     newest = self._tf_last_stamp.get(child)
                     self._tf_last_stamp[child] = stamp if static or newest is None else max(newest, stamp)
                     if static:
@@ -536,7 +535,6 @@ class Perception:
             self.transforms = TransformBuffer(cache_sec=self.config.tf_cache_sec)
             for parent, child, stamp, t, q in self._static_tf.values():
                 self.transforms.set_transform(parent, child, stamp, t, q, static=True)
-            self._tf_parent = {c: v[0] for c, v in self._static_tf.items()}
             self._tf_last_stamp = {}
         with self._lock:
             self.frames.clear()

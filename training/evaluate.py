@@ -74,6 +74,19 @@ def _mean(xs: list[float]) -> float:
     return statistics.fmean(xs) if xs else math.nan
 
 
+def accuracy_by_type(rows: list[dict], key: str = "correct") -> dict[str, Any]:
+    """{overall, <question type>: Tally.as_dict(), mean_per_type} of the verdicts `row[key]` of result rows."""
+    from training.judge import Tally
+
+    tallies: dict[str, Tally] = {"overall": Tally()}
+    for r in rows:
+        tallies["overall"].add(r[key])
+        tallies.setdefault(r["question_type"], Tally()).add(r[key])
+    acc = {k: t.as_dict() for k, t in tallies.items()}
+    acc["mean_per_type"] = _mean([acc[k]["accuracy"] for k in acc if k != "overall"])
+    return acc
+
+
 def evaluate(cfg: EvalConfig, pipeline=None, progress: bool = True,
              judge_client=None, sentence_sim=None) -> dict[str, Any]:
     """Run the evaluation and return the results dict (also written to cfg.out, with the chart)."""
@@ -83,7 +96,7 @@ def evaluate(cfg: EvalConfig, pipeline=None, progress: bool = True,
     from stllm_core.errors import DataError
     from training import metrics as M
     from training.data import ablate
-    from training.judge import JudgeClient, JudgeConfig, Tally, judge_all
+    from training.judge import JudgeClient, JudgeConfig, judge_all
 
     if pipeline is None:
         from stllm_core.reasoning.pipeline import AnswerPipeline
@@ -135,13 +148,7 @@ def evaluate(cfg: EvalConfig, pipeline=None, progress: bool = True,
         lang = {m: math.nan for m in M.METRIC_NAMES}
 
     def per_type(key: str) -> dict[str, Any]:
-        tallies: dict[str, Tally] = {"overall": Tally()}
-        for r in rows:
-            tallies["overall"].add(r[key])
-            tallies.setdefault(r["question_type"], Tally()).add(r[key])
-        acc = {k: t.as_dict() for k, t in tallies.items()}
-        acc["mean_per_type"] = _mean([acc[k]["accuracy"] for k in acc if k != "overall"])
-        return acc
+        return accuracy_by_type(rows, key)
 
     accuracy, baselines = None, {}
     if cfg.scorer != "none":
