@@ -1,4 +1,8 @@
-"""The reasoning service: /stllm/reasoner, a lifecycle node serving stllm_ros/srv/AskSTLLM.
+"""The reasoning service: /stllm/reasoner, a lifecycle node serving stllm_ros/srv/AskSTLLM and the action
+stllm_ros/action/AskSTLLM (feedback: phase and the answer so far; cancel stops decoding at the next token; goals beyond
+the queue bound are rejected at goal time, the reason logged and counted in the diagnostics). Both go to one worker.
+Partial answers go to the partial topic as stllm_ros/msg/PartialAnswer with the request's id; diagnostics to
+/diagnostics (diagnostic_msgs/DiagnosticArray, every diagnostics_period_sec).
 
 configure: reads parameters, loads the model (a failure leaves the node unconfigured and says why), starts perception
 (image, camera_info, depth, points, /tf, /tf_static -> frame buffer and scene map, hosted in this process so clips are
@@ -17,19 +21,22 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import uuid
 
 import rclpy
 from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from std_msgs.msg import String
 
 from stllm_core.errors import InputError
 from stllm_core.reasoning.config import HELP, ReasonerConfig
-from stllm_core.reasoning.reasoner import Reasoner, Result
-from stllm_ros.msg import Answer
+from stllm_core.reasoning.reasoner import Reasoner, Request, Result
+from stllm_ros.action import AskSTLLM as AskSTLLMAction
+from stllm_ros.msg import Answer, PartialAnswer
 from stllm_ros.params import declare_config, guard_config, read_config
 from stllm_ros.perception import Perception, PerceptionConfig
 from stllm_ros.srv import AskSTLLM
@@ -56,11 +63,20 @@ class ReasonerNode(LifecycleNode):
         self.perception: Perception | None = None
         self._not_ready = "the reasoner is not configured yet (no model is loaded)"
         self._active = False
-        self.service = self.create_service(
-            AskSTLLM, self.config.service_name, self._on_ask, callback_group=ReentrantCallbackGroup()
+        group = ReentrantCallbackGroup()
+        self.service = self.create_service(AskSTLLM, self.config.service_name, self._on_ask, callback_group=group)
+        self._goals: dict[bytes, Request] = {}  # goal id -> its request, for cancel
+        self._goals_lock = threading.Lock()
+        self._rejected = 0  # goals refused at goal time (busy or not ready)
+        self.action = ActionServer(
+            self, AskSTLLMAction, self.config.action_name, execute_callback=self._on_goal_execute,
+            goal_callback=self._on_goal, cancel_callback=self._on_cancel, callback_group=group,
         )
         self.answers = self.create_publisher(Answer, self.config.answers_topic, 10)
-        self.partial = self.create_publisher(String, self.config.partial_topic, 10)
+        self.partial = self.create_publisher(PartialAnswer, self.config.partial_topic, 10)
+        self.diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        if self.config.diagnostics_period_sec > 0:
+            self.create_timer(self.config.diagnostics_period_sec, self.publish_diagnostics, callback_group=group)
 
     def _refuse_while_configured(self, params: list) -> SetParametersResult:
         changed = [p.name for p in params if p.name not in ("use_sim_time", "autostart")]
@@ -145,42 +161,165 @@ class ReasonerNode(LifecycleNode):
                 )
         return clip
 
+    def _partial_cb(self, request_id: str, extra=None):
+        """on_text for one request: PartialAnswer on the partial topic (when stream_partial), then `extra`."""
+        stream = self.config.stream_partial
+
+        def on_text(text: str, num_tokens: int) -> None:
+            if stream:
+                self.partial.publish(PartialAnswer(stamp=self.get_clock().now().to_msg(), request_id=request_id,
+                                                   text=text, num_tokens=num_tokens))
+            if extra is not None:
+                extra(text, num_tokens)
+
+        return on_text
+
+    def _fill(self, out, result: Result):
+        """Copy a Result into a service response or an action result."""
+        for name in ("success", "answer", "error", "request_id", "num_frames", "num_points", "num_tokens"):
+            setattr(out, name, getattr(result, name))
+        for name in ("encode_ms", "prefill_ms", "decode_ms"):
+            setattr(out, name, float(getattr(result, name)))
+        out.clip_start = to_time(result.clip_start)
+        out.clip_end = to_time(result.clip_end)
+        return out
+
+    def _finished(self, question: str, result: Result, out) -> None:
+        """Log the outcome; publish an Answer for an answered question."""
+        if result.success:
+            msg = Answer(stamp=self.get_clock().now().to_msg(), question=question, answer=result.answer)
+            for name in ("clip_start", "clip_end", "num_frames", "num_points", "encode_ms", "prefill_ms", "decode_ms",
+                         "num_tokens"):
+                setattr(msg, name, getattr(out, name))
+            self.answers.publish(msg)
+            self.get_logger().info(f"Q: {question!r} -> A: {result.answer!r} ({result.num_tokens} tokens)")
+        elif result.status == "cancelled":
+            self.get_logger().info(f"cancelled {question[:80]!r} after {result.num_tokens} tokens")
+        else:
+            self.get_logger().warning(f"refused {question[:80]!r}: {result.error}")
+
     def _on_ask(self, request: AskSTLLM.Request, response: AskSTLLM.Response) -> AskSTLLM.Response:
         reasoner = self.reasoner
+        request_id = request.request_id or uuid.uuid4().hex
         if not self._active or reasoner is None:
-            result = Result(False, error=self._not_ready)
+            result = Result(False, error=self._not_ready, request_id=request_id)
         else:
-            on_text = None
-            if self.config.stream_partial:
-
-                def on_text(text: str) -> None:
-                    self.partial.publish(String(data=text))
-
-            result = reasoner.ask(request.question, float(request.window_sec), int(request.max_new_tokens), on_text)
-        for name in ("success", "answer", "error", "num_frames", "num_points", "num_tokens"):
-            setattr(response, name, getattr(result, name))
-        for name in ("encode_ms", "prefill_ms", "decode_ms"):
-            setattr(response, name, float(getattr(result, name)))
-        response.clip_start = to_time(result.clip_start)
-        response.clip_end = to_time(result.clip_end)
-        if result.success:
-            msg = Answer(stamp=self.get_clock().now().to_msg(), question=request.question, answer=result.answer)
-            for name in (
-                "clip_start",
-                "clip_end",
-                "num_frames",
-                "num_points",
-                "encode_ms",
-                "prefill_ms",
-                "decode_ms",
-                "num_tokens",
-            ):
-                setattr(msg, name, getattr(response, name))
-            self.answers.publish(msg)
-            self.get_logger().info(f"Q: {request.question!r} -> A: {result.answer!r} ({result.num_tokens} tokens)")
-        else:
-            self.get_logger().warning(f"refused {request.question[:80]!r}: {result.error}")
+            result = reasoner.submit(request.question, float(request.window_sec), int(request.max_new_tokens),
+                                     self._partial_cb(request_id), request_id=request_id).wait()
+        self._fill(response, result)
+        self._finished(request.question, result, response)
         return response
+
+    # action -------------------------------------------------------------------------------------------------------
+    def _on_goal(self, goal: AskSTLLMAction.Goal) -> GoalResponse:
+        """Reject at goal time what cannot be queued (the client sees `accepted: false`; the reason is logged and
+        counted). Other refusals (a bad question, no frames) are accepted and end ABORTED with the reason."""
+        reasoner = self.reasoner
+        reason = self._not_ready if not self._active or reasoner is None else reasoner.reserve()
+        if reason is None:
+            return GoalResponse.ACCEPT
+        self._rejected += 1
+        self.get_logger().warning(f"rejected goal {goal.question[:80]!r}: {reason}")
+        return GoalResponse.REJECT
+
+    def _on_cancel(self, goal_handle) -> CancelResponse:
+        with self._goals_lock:
+            request = self._goals.get(bytes(goal_handle.goal_id.uuid))
+        if request is not None:
+            request.cancel()
+        return CancelResponse.ACCEPT  # a goal not running yet is cancelled when execute starts (below)
+
+    def _on_goal_execute(self, goal_handle) -> AskSTLLMAction.Result:
+        goal = goal_handle.request
+        goal_id = bytes(goal_handle.goal_id.uuid)
+        request_id = goal_id.hex()
+        reasoner = self.reasoner
+        state = {"phase": "queued", "text": "", "tokens": 0}
+        lock = threading.Lock()
+
+        def feedback() -> None:
+            goal_handle.publish_feedback(AskSTLLMAction.Feedback(
+                phase=state["phase"], partial_answer=state["text"], num_tokens=state["tokens"]))
+
+        def on_phase(phase: str) -> None:
+            with lock:
+                state["phase"] = phase
+                feedback()
+
+        def on_text(text: str, n: int) -> None:
+            with lock:
+                state.update(phase="generating", text=text, tokens=n)
+                feedback()
+
+        if reasoner is None:  # cleaned up between goal acceptance and execution
+            result = Result(False, error=self._not_ready, request_id=request_id)
+        else:
+            temperature = None if goal.temperature < 0 else float(goal.temperature)
+            top_p = None if goal.top_p == 0 else float(goal.top_p)
+            request = reasoner.submit(goal.question, float(goal.window_sec), int(goal.max_new_tokens),
+                                      self._partial_cb(request_id, on_text), on_phase, temperature, top_p,
+                                      request_id=request_id, reserved=True)
+            with self._goals_lock:
+                self._goals[goal_id] = request
+            if request.job is not None:
+                feedback()  # phase: queued
+            if goal_handle.is_cancel_requested:  # cancelled before the request existed
+                request.cancel()
+            try:
+                result = request.wait()
+            finally:
+                with self._goals_lock:
+                    self._goals.pop(goal_id, None)
+        out = self._fill(AskSTLLMAction.Result(), result)
+        if result.status == "cancelled" and goal_handle.is_cancel_requested:
+            goal_handle.canceled()
+        elif result.success:
+            goal_handle.succeed()
+        else:
+            goal_handle.abort()
+        self._finished(goal.question, result, out)
+        return out
+
+    # diagnostics --------------------------------------------------------------------------------------------------
+    def diagnostic_status(self) -> DiagnosticStatus:
+        """The reasoner's health: ERROR unconfigured (why), WARN inactive or the newest frame older than the window,
+        OK otherwise; values: model, backend, device, state, queue, counts, latencies."""
+        cfg, reasoner, perception = self.config, self.reasoner, self.perception
+        values = {"model": cfg.model, "backend": cfg.backend, "device": cfg.device,
+                  "state": "active" if self._active else ("inactive" if reasoner is not None else "unconfigured"),
+                  "rejected_goals": self._rejected}
+        if reasoner is None:
+            level, message = DiagnosticStatus.ERROR, self._not_ready
+        else:
+            stats = reasoner.stats.snapshot()
+            values.update(queue_length=reasoner.worker.waiting, answering=reasoner.worker.busy,
+                          answers=stats["answered"], refusals=stats["refused"], cancellations=stats["cancelled"],
+                          timeouts=stats["timeout"])
+            for key in ("last_latency_ms", "p95_latency_ms", "last_encode_ms", "last_prefill_ms", "last_decode_ms"):
+                values[key] = f"{stats[key]:.1f}"
+            values["last_refusal"] = stats["last_refusal"]
+            level, message = DiagnosticStatus.OK, "ready"
+            latest = perception.latest_frame() if perception is not None else None
+            now_ns = self.get_clock().now().nanoseconds
+            if latest is not None and now_ns > 0:
+                age = now_ns * 1e-9 - latest.stamp
+                values["newest_frame_age_sec"] = f"{age:.2f}"
+                if age > cfg.window_sec:
+                    level = DiagnosticStatus.WARN
+                    message = (f"the newest camera frame is {age:.1f} s old, older than the {cfg.window_sec:g} s "
+                               "window")
+            elif latest is None:
+                level, message = DiagnosticStatus.WARN, "no camera frame with a known pose yet"
+            if not self._active:
+                level, message = DiagnosticStatus.WARN, self._not_ready
+        return DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: reasoner", message=message,
+                                hardware_id=cfg.model,
+                                values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+
+    def publish_diagnostics(self) -> None:
+        msg = DiagnosticArray(status=[self.diagnostic_status()])
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self.diagnostics.publish(msg)
 
 
 def main(args=None) -> int:

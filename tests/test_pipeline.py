@@ -62,11 +62,13 @@ def test_streaming_partials_grow_to_the_final_text(pipe, clip):
     """Sampling (the random tiny model's greedy answer is only newlines): varied tokens, streamed as they come."""
     sampler = AnswerPipeline(pipe.model, pipe.processor, EngineConfig(temperature=1.5, max_new_tokens=20))
     partials: list[str] = []
-    ans = sampler.answer(QUESTION, clip, on_text=partials.append)
+    counts: list[int] = []
+    ans = sampler.answer(QUESTION, clip, on_text=lambda text, n: (partials.append(text), counts.append(n)))
     assert ans.text, "the sampled answer is empty; the test needs text"
     assert partials and partials[-1] == ans.text
     assert all(a != b for a, b in zip(partials, partials[1:])), "a partial was repeated"
     assert len(partials) <= ans.num_tokens
+    assert counts == sorted(counts) and counts[-1] <= ans.num_tokens
     assert sampler.answer(QUESTION, clip).text == ans.text  # seeded sampling is reproducible
 
 

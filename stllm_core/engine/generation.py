@@ -13,6 +13,7 @@ Worked example (greedy, stop token 2)::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -154,16 +155,15 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+    def _pick(self, logits: torch.Tensor, generator: torch.Generator | None, temperature: float, top_p: float) -> int:
         """Choose the next token from logits (1, V)."""
-        cfg = self.config
-        if cfg.temperature == 0.0:
+        if temperature == 0.0:
             return int(logits[0].argmax())
-        probs = torch.softmax(logits[0].float() / float(cfg.temperature), dim=-1)
-        if cfg.top_p < 1.0:
+        probs = torch.softmax(logits[0].float() / float(temperature), dim=-1)
+        if top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             before = sorted_probs.cumsum(0) - sorted_probs  # mass of strictly more likely tokens
-            sorted_probs = torch.where(before < cfg.top_p, sorted_probs, torch.zeros_like(sorted_probs))
+            sorted_probs = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
             choice = torch.multinomial(sorted_probs, 1, generator=generator)
             return int(order[choice])
         return int(torch.multinomial(probs, 1, generator=generator))
@@ -175,9 +175,13 @@ class Engine:
         max_new_tokens: int | None = None,
         on_token: Callable[[int], None] | None = None,
         cancel: threading.Event | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
     ) -> Generation:
         """Decode up to `max_new_tokens` tokens after the prompt `inputs_embeds` (1, L, D).
 
+        `temperature` / `top_p`: this call's sampling (None = the engine's configured values), checked as
+        EngineConfig checks them.
         Stops at the first stop token (not included in `tokens`), at the token budget, or when `cancel` is set
         (checked before the prefill and before every decode step). `on_token(id)` is called once per kept token,
         in order, on the calling thread.
@@ -186,8 +190,14 @@ class Engine:
         embeds = self._check_embeds(inputs_embeds, n_max)
         if cancel is not None and cancel.is_set():
             return Generation([], 0.0, 0.0, "cancelled")
+        sampling = dataclasses.replace(
+            self.config,
+            temperature=self.config.temperature if temperature is None else temperature,
+            top_p=self.config.top_p if top_p is None else top_p,
+        )  # validates both
+        temperature, top_p = float(sampling.temperature), float(sampling.top_p)
         generator = None
-        if self.config.temperature > 0.0:
+        if temperature > 0.0:
             generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         stops = set(self.config.stop_token_ids)
         length = embeds.shape[1]
@@ -197,7 +207,7 @@ class Engine:
 
         t0 = time.perf_counter()
         logits = self.decoder.prefill(embeds, max_len=length + n_max)  # (1, V)
-        token = self._pick(logits, generator)
+        token = self._pick(logits, generator, temperature, top_p)
         self._sync()
         t1 = time.perf_counter()
         while True:
@@ -215,7 +225,7 @@ class Engine:
                 stopped = "cancelled"
                 break
             logits = self.decoder.step(token, position=length + len(tokens) - 1)
-            token = self._pick(logits, generator)
+            token = self._pick(logits, generator, temperature, top_p)
         self._sync()
         t2 = time.perf_counter()
         gen = Generation(

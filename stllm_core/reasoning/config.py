@@ -32,8 +32,11 @@ HELP = {
     "frame_selection": "uniform (in time, as the paper) | coverage (max new voxels, needs depth)",
     "stream_partial": "publish the growing answer on the partial-answers topic while it is generated",
     "service_name": "the AskSTLLM service",
+    "action_name": "the AskSTLLM action (streamed feedback, cancel); may share the service's name",
+    "diagnostics_period_sec": "seconds between diagnostic_msgs/DiagnosticArray reports on /diagnostics; 0 = none",
     "answers_topic": "stllm_ros/msg/Answer published for every answered question",
-    "partial_topic": "std_msgs/String with the answer so far (when stream_partial)",
+    "partial_topic": "stllm_ros/msg/PartialAnswer (request id + the answer so far) while answering, when "
+    "stream_partial",
 }
 
 
@@ -55,6 +58,8 @@ class ReasonerConfig:
     frame_selection: str = "uniform"
     stream_partial: bool = True
     service_name: str = "/stllm/ask"
+    action_name: str = "/stllm/ask"
+    diagnostics_period_sec: float = 1.0
     answers_topic: str = "/stllm/answers"
     partial_topic: str = "/stllm/answers_partial"
 
@@ -69,7 +74,9 @@ class ReasonerConfig:
         check(self.timeout_sec > 0, "timeout_sec", self.timeout_sec, "> 0 seconds")
         check(1 <= self.max_question_chars <= 100_000, "max_question_chars", self.max_question_chars, "1..100000")
         check_choice("frame_selection", self.frame_selection, ("uniform", "coverage"))
-        for name in ("service_name", "answers_topic", "partial_topic"):
+        check(0 <= self.diagnostics_period_sec <= 3600, "diagnostics_period_sec", self.diagnostics_period_sec,
+              "0 (off) .. 3600 seconds")
+        for name in ("service_name", "action_name", "answers_topic", "partial_topic"):
             value = getattr(self, name)
             check(value.startswith("/") and " " not in value, name, value, "an absolute ROS name such as '/stllm/ask'")
 

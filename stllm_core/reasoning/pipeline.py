@@ -1,7 +1,7 @@
 """AnswerPipeline: question + Clip -> answer text, the one object the ROS node and the evaluation use.
 
     pipe = AnswerPipeline.load(model="tiny-random", device="cpu", dtype="float32", backend="eager", seed=0)
-    ans = pipe.answer("Where is the mug?", clip, on_text=print)   # on_text gets the partial answer so far
+    ans = pipe.answer("Where is the mug?", clip, on_text=print)   # on_text(partial answer so far, tokens so far)
     ans.text, ans.encode_ms, ans.prefill_ms, ans.decode_ms
 
 Steps: clean/validate the question -> processor (frames, rays, points, prompt ids) -> model.get_prefix_embeds
@@ -231,8 +231,13 @@ class AnswerPipeline:
         max_new_tokens: int | None = None,
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
     ) -> Answer:
-        """Answer `question` about `clip`. `on_text(partial)` receives the whole partial answer each time it grows.
+        """Answer `question` about `clip`. `on_text(partial, num_tokens)` receives the whole partial answer each time
+        it grows, with the number of tokens generated so far. `cancel`: set it to stop at the next token (the answer
+        so far is returned, `stopped == "cancelled"`). `temperature` / `top_p`: this answer's sampling (None = the
+        pipeline's).
 
         Raises InputError for a bad question or clip, ConfigError for a bad max_new_tokens.
         """
@@ -260,9 +265,10 @@ class AnswerPipeline:
                     text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
                     if text != last[0]:
                         last[0] = text
-                        on_text(text)
+                        on_text(text, len(tokens))
 
-            gen = self.engine.generate(embeds, max_new_tokens=max_new_tokens, on_token=on_token, cancel=cancel)
+            gen = self.engine.generate(embeds, max_new_tokens=max_new_tokens, on_token=on_token, cancel=cancel,
+                                       temperature=temperature, top_p=top_p)
         text = tokenizer.decode(gen.tokens, skip_special_tokens=True).strip()
         return Answer(
             text=text,
