@@ -29,6 +29,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
@@ -76,7 +77,9 @@ class ReasonerNode(LifecycleNode):
         self.partial = self.create_publisher(PartialAnswer, self.config.partial_topic, 10)
         self.diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         if self.config.diagnostics_period_sec > 0:
-            self.create_timer(self.config.diagnostics_period_sec, self.publish_diagnostics, callback_group=group)
+            # a steady clock: with use_sim_time the ROS clock stops when /clock does, and diagnostics must not
+            self.create_timer(self.config.diagnostics_period_sec, self.publish_diagnostics, callback_group=group,
+                              clock=Clock(clock_type=ClockType.STEADY_TIME))
 
     def _refuse_while_configured(self, params: list) -> SetParametersResult:
         changed = [p.name for p in params if p.name not in ("use_sim_time", "autostart")]
