@@ -5,6 +5,10 @@ camera stopped)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -19,7 +23,7 @@ from stllm_core.data.cli import clip2bag_main, reasim_main
 from stllm_ros.action import AskSTLLM as AskAction
 from stllm_ros.msg import Answer, PartialAnswer
 from stllm_ros.srv import AskSTLLM
-from tests_support import NodeProcess, RosTestNode, wait_until
+from tests_support import NodeProcess, RosTestNode, ros_env, wait_until
 
 WINDOW = 10.0
 
@@ -362,6 +366,31 @@ def test_queued_goal_cancel_full_queue_rejection_and_diagnostics(ros, stack):
                            and int(values(s).get("rejected_goals", 0)) >= 1 for s in nomap_status(diags)), 15,
                what="diagnostics counting the refusal, the rejection and the cancellation")
     assert all(s.level == s.OK for s in nomap_status(diags)[-1:])
+
+
+def stream_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "stllm_ros.ask_client", "--stream", *args], env=ros_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_cli_stream_prints_the_answer_and_ctrl_c_cancels_the_goal(stack):
+    proc = stream_cli("Where is the kettle?", "--max-new-tokens", "8", "--timeout", "120")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err.decode()
+    assert "tokens]" in err.decode()  # the timing line; the answer (maybe empty for the untrained model) on stdout
+    for attempt in range(6):  # Ctrl-C while tokens stream; a sampled answer may end first: another question
+        proc = stream_cli(f"Describe the whole kitchen, part {attempt}.", "--max-new-tokens", "512",
+                          "--temperature", "1.0", "--timeout", "120")
+        first = os.read(proc.stdout.fileno(), 1)  # blocks until the first streamed character
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        if proc.returncode == 0:
+            continue
+        assert first and proc.returncode == 130, err.decode()
+        assert "cancelled after" in err.decode()
+        break
+    else:
+        pytest.fail("every streamed answer ended before Ctrl-C")
 
 
 def test_placeholders_in_the_question_are_escaped_not_injected(ros, stack):
