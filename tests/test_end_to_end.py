@@ -266,8 +266,10 @@ def test_action_cancel_stops_generation_and_the_next_goal_is_answered(ros, stack
             break
         assert status == GoalStatus.STATUS_SUCCEEDED and res.num_tokens < 512  # finished before the cancel came
     assert cancelled, "no goal was cancelled during generation"
-    # 0.5 s plus one token step, with room for a loaded 2-core CI machine; benchmarks/bench_cancel.py measures it
-    assert cancelled[0] < 1.0, f"{cancelled[0]:.2f} s from the cancel request to the CANCELED result"
+    # 0.5 s plus one token step (1-3 ms for the tiny model) and 0.1 s of room for a loaded 2-core CI machine;
+    # benchmarks/bench_cancel.py measures the engine side
+    print(f"cancel -> CANCELED result: {cancelled[0] * 1e3:.0f} ms")
+    assert cancelled[0] < 0.6, f"{cancelled[0]:.2f} s from the cancel request to the CANCELED result"
     ok, status, res, _, _ = run_goal(ros, action_client, AskAction.Goal(question="Where is the pan?",
                                                                         max_new_tokens=4))
     assert ok and status == GoalStatus.STATUS_SUCCEEDED and res.success

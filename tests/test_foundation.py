@@ -25,16 +25,18 @@ def test_stllm_core_imports_with_rclpy_unimportable():
 
 
 def test_generated_interfaces_have_the_documented_fields():
-    from stllm_ros.msg import Answer
+    from stllm_ros.action import AskSTLLM as AskAction
+    from stllm_ros.msg import Answer, PartialAnswer
     from stllm_ros.srv import AskSTLLM
 
     req = AskSTLLM.Request()
-    assert set(req.get_fields_and_field_types()) == {"question", "window_sec", "max_new_tokens"}
+    assert set(req.get_fields_and_field_types()) == {"question", "window_sec", "max_new_tokens", "request_id"}
     res = set(AskSTLLM.Response.get_fields_and_field_types())
     assert res == {
         "success",
         "answer",
         "error",
+        "request_id",
         "clip_start",
         "clip_end",
         "num_frames",
@@ -45,6 +47,13 @@ def test_generated_interfaces_have_the_documented_fields():
         "num_tokens",
     }
     assert {"question", "answer", "stamp", "clip_start", "num_tokens"} <= set(Answer.get_fields_and_field_types())
+    assert set(PartialAnswer.get_fields_and_field_types()) == {"stamp", "request_id", "text", "num_tokens"}
+    goal = AskAction.Goal()
+    assert set(goal.get_fields_and_field_types()) == {"question", "window_sec", "max_new_tokens", "temperature",
+                                                      "top_p"}
+    assert goal.temperature == -1.0 and goal.top_p == 0.0  # the node's defaults unless the goal says otherwise
+    assert set(AskAction.Result.get_fields_and_field_types()) == res  # the service's response fields
+    assert set(AskAction.Feedback.get_fields_and_field_types()) == {"phase", "partial_answer", "num_tokens"}
 
 
 def test_tf2_msgs_matches_the_real_type():
