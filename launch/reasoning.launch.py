@@ -1,4 +1,8 @@
 """ros2 launch stllm_ros reasoning.launch.py [model:=...] [image_topic:=...] [params_file:=...] [bag:=...]
+                                            [namespace:=robot1]
+
+The node runs in the robot's namespace: `namespace:=robot1`, or a PushRosNamespace of an including launch file; its
+default names are relative (stllm/ask, camera/color/image_raw, ...), and the parameters file is keyed `/**:`.
 
 The same nodes and parameters as `stllm-run` (stllm_ros/stack.py is the one description of both). Launch arguments left
 empty keep the value from the parameters file (config/reasoner.yaml)."""
@@ -28,7 +32,7 @@ def _nodes(context):
             package="stllm_ros",
             executable=spec.executable,
             name=spec.name,
-            namespace=spec.namespace,
+            namespace=get(LaunchConfiguration("namespace")) or None,  # None: the pushed namespace, if any
             parameters=[get(LaunchConfiguration("params_file")), overrides],
             output="screen",
         )
@@ -44,6 +48,7 @@ def _nodes(context):
 def generate_launch_description():
     args = [
         DeclareLaunchArgument("params_file", default_value=str(default_params_file()), description="parameters YAML"),
+        DeclareLaunchArgument("namespace", default_value="", description="the robot's namespace (e.g. robot1)"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock (true when bag is set)"),
         DeclareLaunchArgument(
             "bag", default_value="", description="a rosbag2 bag to replay with stllm-play (optional)"

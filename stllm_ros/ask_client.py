@@ -54,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("question")
     p.add_argument("--window", type=float, default=0.0, help="seconds of recent video (0 = the node's default)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="answer length cap (0 = the node's default)")
-    p.add_argument("--service", default="/stllm/ask")
+    p.add_argument("--service", default="stllm/ask", help="the AskSTLLM service (relative: in --ros-args -r "
+                   "__ns:=/robot1, as the node's)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the service and the answer")
     p.add_argument("--json", action="store_true", help="print the whole response as JSON")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated (the action); Ctrl-C "
                    "cancels it")
-    p.add_argument("--action", default="/stllm/ask", help="the AskSTLLM action (with --stream)")
+    p.add_argument("--action", default="stllm/ask", help="the AskSTLLM action (with --stream)")
     p.add_argument("--temperature", type=float, default=-1.0, help="with --stream: this answer's sampling "
                    "temperature (< 0 = the node's default, 0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.0, help="with --stream: nucleus mass (0 = the node's default)")

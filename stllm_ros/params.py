@@ -81,7 +81,7 @@ def declare_config(node: Node, cls: type, prefix: str = "", help: dict[str, str]
 
 
 def markdown_table() -> str:
-    """The README's parameter table for /stllm/reasoner (python -m stllm_ros.params)."""
+    """The README's parameter table for stllm_reasoner (python -m stllm_ros.params)."""
     from stllm_core.reasoning.config import HELP, ReasonerConfig
     from stllm_ros.perception import PerceptionConfig
 

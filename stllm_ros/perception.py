@@ -55,6 +55,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from stllm_core.config import check, check_choice, from_dict
 from stllm_core.errors import ConfigError, InputError
 from stllm_core.memory import FrameBuffer, FrameBufferConfig, SceneMap, SceneMapConfig, TransformBuffer
+from stllm_core.reasoning.config import is_ros_name
 from stllm_core.types import Clip, Frame
 from stllm_ros import conversions as cv
 
@@ -68,17 +69,17 @@ except ImportError:  # pragma: no cover - depends on the install
 class PerceptionConfig:
     """Topics, frames and bounds of Perception. Empty topic = that input is disabled. Times in seconds."""
 
-    image_topic: str = "/camera/color/image_raw"  # RGB image (rgb8, bgr8, rgba8, bgra8, mono8)
-    camera_info_topic: str = "/camera/color/camera_info"  # CameraInfo of the image (K)
+    image_topic: str = "camera/color/image_raw"  # RGB image (rgb8, bgr8, rgba8, bgra8, mono8)
+    camera_info_topic: str = "camera/color/camera_info"  # CameraInfo of the image (K)
     depth_topic: str = ""  # depth image (16UC1 mm or 32FC1 m), best aligned to the colour image
     depth_info_topic: str = ""  # CameraInfo of an unaligned depth image ("" = the colour CameraInfo); unaligned depth
     # has no colour image of its size and frame: set depth_requires_color false to integrate it in map.default_color
     points_topic: str = ""  # PointCloud2 from another mapper (nvblox, RTAB-Map), any frame with TF to world
     tf_topic: str = "/tf"  # tf2_msgs/TFMessage, dynamic transforms
     tf_static_topic: str = "/tf_static"  # tf2_msgs/TFMessage, static transforms (transient local)
-    map_topic: str = "/stllm/map"  # "" disables publishing
+    map_topic: str = "stllm/map"  # "" disables publishing
     diagnostics_topic: str = "/diagnostics"  # "" disables
-    world_frame: str = "map"  # fixed frame of the poses and the map (REP-105)
+    world_frame: str = "map"  # fixed frame of the poses and the map (REP-105); prefixed ids (robot1/map) are fine
     camera_frame: str = ""  # "" = the image header's frame_id (the optical frame, REP-103)
     sensor_qos: str = "sensor_data"  # "sensor_data" (best effort) | "reliable"
     sensor_depth: int = 5  # history of the image/info/depth/points subscriptions (5 = the sensor-data profile)
@@ -108,7 +109,16 @@ class PerceptionConfig:
             self.map = from_dict(SceneMapConfig, self.map, "PerceptionConfig.map")
         check(bool(self.image_topic), "image_topic", self.image_topic, "a topic name")
         check(bool(self.camera_info_topic), "camera_info_topic", self.camera_info_topic, "a topic name")
-        check(bool(self.world_frame) and "/" not in self.world_frame, "world_frame", self.world_frame, "a frame id")
+        for name in ("world_frame", "camera_frame"):  # tf2: ids may hold "/" (robot1/map), never start with it
+            value = getattr(self, name)
+            check(isinstance(value, str) and not value.startswith("/") and not any(c.isspace() for c in value)
+                  and (bool(value) or name == "camera_frame"), name, value,
+                  "a tf2 frame id such as 'map' or 'robot1/map' (no leading '/', no spaces)")
+        for name in ("image_topic", "camera_info_topic", "depth_topic", "depth_info_topic", "points_topic", "tf_topic",
+                     "tf_static_topic", "map_topic", "diagnostics_topic"):
+            value = getattr(self, name)
+            check(value == "" or is_ros_name(value), name, value,
+                  "a ROS topic name (relative names resolve in the node's namespace) or ''")
         check_choice("sensor_qos", self.sensor_qos, ("sensor_data", "reliable"))
         check_choice("points_durability", self.points_durability, ("auto", "volatile", "transient_local"))
         for name in ("queue_size", "max_pending", "depth_stride", "sensor_depth"):

@@ -23,7 +23,7 @@ from stllm_ros.perception import Perception, PerceptionConfig
 
 class PerceptionNode(Node):
     def __init__(self, **kwargs):
-        super().__init__("perception", namespace="stllm", **kwargs)
+        super().__init__("stllm_perception", **kwargs)
         declare_config(self, PerceptionConfig)
         guard_config(self, PerceptionConfig)  # topic/frame changes apply at the next start; bad values are refused
         self.perception = Perception(self, read_config(self, PerceptionConfig))

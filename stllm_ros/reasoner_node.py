@@ -1,4 +1,5 @@
-"""The reasoning service: /stllm/reasoner, a lifecycle node serving stllm_ros/srv/AskSTLLM and the action
+"""The reasoning service: stllm_reasoner (in the robot's namespace, default the root), a lifecycle node serving
+stllm_ros/srv/AskSTLLM and the action
 stllm_ros/action/AskSTLLM (feedback: phase and the answer so far; cancel stops decoding at the next token; goals beyond
 the queue bound are rejected at goal time, the reason logged and counted in the diagnostics). Both go to one worker.
 Partial answers go to the partial topic as stllm_ros/msg/PartialAnswer with the request's id; diagnostics to
@@ -9,7 +10,7 @@ configure: reads parameters, loads the model (a failure leaves the node unconfig
 taken without copies over DDS). activate: questions are answered. `autostart` (default true) configures and activates at
 start, as nav2's lifecycle manager does. The service exists in every state; outside `active` it answers
 `success: false` with the reason. autostart runs once the executor spins, so the lifecycle and parameter services
-answer while the model loads (`ros2 lifecycle get /stllm/reasoner` says "configuring").
+answer while the model loads (`ros2 lifecycle get /stllm_reasoner` says "configuring").
 
 Parameters are read when the node is configured. While it is configured, `ros2 param set` of one of them is refused
 with the reason (rather than accepted and ignored): cleanup, set, configure. Cleanup also stops perception, so changed
@@ -52,7 +53,7 @@ def to_time(seconds: float) -> Time:
 
 class ReasonerNode(LifecycleNode):
     def __init__(self, **kwargs):
-        super().__init__("reasoner", namespace="stllm", **kwargs)
+        super().__init__("stllm_reasoner", **kwargs)
         declare_config(self, ReasonerConfig, help=HELP)
         declare_config(self, PerceptionConfig, prefix="perception.")
         self.declare_parameter("autostart", True)

@@ -21,10 +21,13 @@ import time
 from stllm_ros.stack import LAUNCH_ARGUMENTS, NODES, REPLAY_PARAMS, default_params_file, player_arguments
 
 
-def node_command(spec, params_file: str, params: list[str]) -> list[str]:
+def node_command(spec, params_file: str, params: list[str], namespace: str = "") -> list[str]:
     exe = shutil.which(spec.executable)
     cmd = [exe] if exe else [sys.executable, "-m", spec.module]
-    cmd += ["--ros-args", "-r", f"__node:={spec.name}", "-r", f"__ns:=/{spec.namespace}", "--params-file", params_file]
+    cmd += ["--ros-args", "-r", f"__node:={spec.name}"]
+    if namespace.strip("/"):
+        cmd += ["-r", f"__ns:=/{namespace.strip('/')}"]
+    cmd += ["--params-file", params_file]
     for p in params:
         cmd += ["-p", p]
     return cmd
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="stllm-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--params-file", default=None, help="ROS 2 parameters YAML (default: config/reasoner.yaml)")
+    p.add_argument("--namespace", default="", help="the robot's namespace (e.g. robot1): the node and its relative "
+                   "names (stllm/ask, camera/color/image_raw, ...) go under it")
     p.add_argument(
         "--param",
         "-p",
@@ -83,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         for spec in NODES:
-            cmd = node_command(spec, params_file, params)
-            print(f"[stllm-run] starting /{spec.namespace}/{spec.name}: {' '.join(cmd)}", flush=True)
+            cmd = node_command(spec, params_file, params, args.namespace)
+            full = "/".join(x for x in ("", args.namespace.strip("/"), spec.name) if x)
+            print(f"[stllm-run] starting /{full}: {' '.join(cmd)}", flush=True)
             procs.append(subprocess.Popen(cmd, start_new_session=True))
         if args.bag:
             time.sleep(args.bag_delay)

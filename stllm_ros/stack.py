@@ -12,10 +12,11 @@ class NodeSpec:
     executable: str  # console script in lib/stllm_ros (what `ros2 run stllm_ros <executable>` starts)
     module: str  # python -m fallback when the console script is not on PATH
     name: str
-    namespace: str
 
 
-NODES = (NodeSpec("stllm-reasoner", "stllm_ros.reasoner_node", "reasoner", "stllm"),)
+# The node runs in the robot's namespace (root by default; `namespace:=robot1` / PushRosNamespace / stllm-run
+# --namespace), and its default names are relative: stllm/ask, camera/color/image_raw, ... resolve under it.
+NODES = (NodeSpec("stllm-reasoner", "stllm_ros.reasoner_node", "stllm_reasoner"),)
 
 # Launch arguments -> node parameters (same names in the launch file and in stllm-run --param).
 LAUNCH_ARGUMENTS = {

@@ -98,6 +98,10 @@ def stack(demo_bag, ros):
         "-p",
         "action_name:=/nomap/ask",
         "-p",
+        "perception.image_topic:=/camera/color/image_raw",  # the node is in /nomap: its relative defaults are too
+        "-p",
+        "perception.camera_info_topic:=/camera/color/camera_info",
+        "-p",
         "queue_size:=1",
         "-p",
         "diagnostics_period_sec:=0.2",
@@ -302,7 +306,7 @@ def test_two_action_clients_each_get_their_own_feedback(ros, stack, action_clien
 
 
 def nomap_status(diags: list) -> list:
-    return [s for m in diags for s in m.status if s.name.startswith("/nomap/reasoner")]
+    return [s for m in diags for s in m.status if s.name.startswith("/nomap/stllm_reasoner")]
 
 
 def values(status) -> dict:
@@ -325,7 +329,7 @@ class PendingGoal:
 
 
 def test_queued_goal_cancel_full_queue_rejection_and_diagnostics(ros, stack):
-    """/nomap/reasoner has queue_size 1: one goal answering, one waiting, a third is rejected at goal time; the
+    """/nomap/stllm_reasoner has queue_size 1: one goal answering, one waiting, a third is rejected at goal time; the
     waiting one is cancelled out of the queue; /diagnostics shows the queue, the refusal and the cancellations."""
     diags = []
     ros.node.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 50)
@@ -439,5 +443,5 @@ def test_camera_stopped_longer_than_the_window_is_refused_with_the_reason(ros, s
     json.dumps(res.error)  # a plain string, printable
     diags = []
     ros.node.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 50)
-    wait_until(lambda: any(s.name.startswith("/stllm/reasoner") and s.level == s.WARN and "older than" in s.message
+    wait_until(lambda: any(s.name.startswith("/stllm_reasoner") and s.level == s.WARN and "older than" in s.message
                            for m in diags for s in m.status), 15, what="a WARN diagnostic about the stale camera")

@@ -651,3 +651,11 @@ def test_a_latched_cloud_published_before_perception_starts_reaches_it():
     assert received == {"auto": 1, "volatile": 0}, received
     with pytest.raises(ConfigError, match="points_durability"):
         PerceptionConfig(points_durability="latched")
+
+
+def test_prefixed_frames_are_accepted_and_bad_frames_or_topics_refused_with_the_reason():
+    assert PerceptionConfig(world_frame="robot1/map").world_frame == "robot1/map"  # multi-robot tf2 prefixes
+    with pytest.raises(ConfigError, match="world_frame.*leading"):
+        PerceptionConfig(world_frame="/map")
+    with pytest.raises(ConfigError, match="image_topic"):
+        PerceptionConfig(image_topic="camera//image")

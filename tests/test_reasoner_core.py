@@ -157,3 +157,11 @@ def test_a_cancelled_answer_keeps_its_partial_text_and_the_next_question_is_answ
     assert stats["cancelled"] == 2 and stats["answered"] == 1 and stats["refused"] == 2
     assert stats["last_latency_ms"] > 0 and "top_p" in stats["last_refusal"]
     r.close()
+
+
+
+def test_service_and_topic_names_are_checked_with_the_reason():
+    assert ReasonerConfig(service_name="stllm/ask").service_name == "stllm/ask"  # relative: the node's namespace
+    for bad in ("stllm ask", "stllm//ask", "2d/ask"):
+        with pytest.raises(ConfigError, match="service_name"):
+            ReasonerConfig(service_name=bad)

@@ -8,12 +8,12 @@ import sys
 import pytest
 
 from stllm_ros.srv import AskSTLLM
-from tests_support import NodeProcess, RosTestNode, ros_env
+from tests_support import NodeProcess, RosTestNode, ros_env, wait_until
 
 
 def reasoner(*params: str, ns: str = "/t") -> NodeProcess:
     """A reasoner node process; each concurrently running one needs its own namespace (node names must be unique:
-    two /t/reasoner nodes would share their lifecycle and parameter services)."""
+    two /t/stllm_reasoner nodes would share their lifecycle and parameter services)."""
     args = []
     for p in params:
         args += ["-p", p]
@@ -140,8 +140,8 @@ def test_lifecycle_configure_loads_and_activate_serves(ros):
         ros.wait_for_service(client)
         res = ask(ros, client, "Where is the mug?")
         assert not res.success and "not configured" in res.error
-        change = ros.node.create_client(ChangeState, "/lc/reasoner/change_state")
-        get_state = ros.node.create_client(GetState, "/lc/reasoner/get_state")
+        change = ros.node.create_client(ChangeState, "/lc/stllm_reasoner/change_state")
+        get_state = ros.node.create_client(GetState, "/lc/stllm_reasoner/get_state")
         ros.wait_for_service(change)
         ros.wait_for_service(get_state)
         steps = (
@@ -170,9 +170,9 @@ def test_parameters_of_a_configured_reasoner_are_refused_with_a_reason_then_appl
 
     with reasoner("model:=tiny-random", "service_name:=/t/ask_pr", ns="/pr") as proc:
         proc.wait_for_output("stllm reasoner up", timeout=180)
-        set_params = ros.node.create_client(SetParameters, "/pr/reasoner/set_parameters")
-        change = ros.node.create_client(ChangeState, "/pr/reasoner/change_state")
-        get_state = ros.node.create_client(GetState, "/pr/reasoner/get_state")
+        set_params = ros.node.create_client(SetParameters, "/pr/stllm_reasoner/set_parameters")
+        change = ros.node.create_client(ChangeState, "/pr/stllm_reasoner/change_state")
+        get_state = ros.node.create_client(GetState, "/pr/stllm_reasoner/get_state")
         for c in (set_params, change, get_state):
             ros.wait_for_service(c)
 
@@ -190,4 +190,24 @@ def test_parameters_of_a_configured_reasoner_are_refused_with_a_reason_then_appl
         assert set_temperature(0.7).successful
         ros.call(change, ChangeState.Request(transition=Transition(id=Transition.TRANSITION_CONFIGURE)), timeout=180)
         assert ros.call(get_state, GetState.Request(), timeout=60).current_state.id == State.PRIMARY_STATE_INACTIVE
+        assert proc.returncode is None, proc.output[-3000:]
+
+
+def test_in_a_robot_namespace_names_params_file_and_prefixed_frames_follow(ros, tmp_path):
+    """As under a launch file's PushRosNamespace (which passes __ns): the relative default names resolve in the
+    robot's namespace, the `/**:`-keyed parameters file applies there, and a prefixed world frame is accepted."""
+    params = tmp_path / "robot1.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    model: tiny-random\n    max_question_chars: 20\n"
+                      "    perception:\n      world_frame: robot1/map\n")
+    with NodeProcess.python("stllm_ros.reasoner_node", "--ros-args", "-r", "__ns:=/robot1", "--params-file",
+                            str(params)) as proc:
+        proc.wait_for_output("stllm reasoner up", timeout=180)
+        client = ros.node.create_client(AskSTLLM, "/robot1/stllm/ask")
+        ros.wait_for_service(client)
+        assert "maximum is 20" in ask(ros, client, "x" * 21).error  # the params file applied in /robot1
+        assert "no camera frames" in ask(ros, client, "Where is the mug?").error  # configured: world robot1/map
+        wait_until(lambda: ros.node.count_publishers("/robot1/stllm/answers") == 1
+                   and ros.node.count_subscribers("/robot1/camera/color/image_raw") == 1, 30,
+                   what="the node's topics under /robot1")
+        assert ros.node.count_subscribers("/tf") >= 1  # /tf stays global (frames carry the robot's prefix)
         assert proc.returncode is None, proc.output[-3000:]

@@ -5,6 +5,7 @@ config/reasoner.yaml, the launch file and stllm-run share one list."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from stllm_core.config import check, check_choice
@@ -40,6 +41,18 @@ HELP = {
 }
 
 
+_NAME = re.compile(r"^(/|~/)?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def is_ros_name(name: str) -> bool:
+    """A valid ROS 2 topic/service name (relative, absolute or private ~/), without substitutions.
+
+    >>> [is_ros_name(n) for n in ("stllm/ask", "/stllm/ask", "~/ask", "2d/ask", "a//b", "a b", "")]
+    [True, True, True, False, False, False, False]
+    """
+    return isinstance(name, str) and bool(_NAME.match(name))
+
+
 @dataclass
 class ReasonerConfig:
     model: str = "stllm-smol"
@@ -57,11 +70,11 @@ class ReasonerConfig:
     max_question_chars: int = 1000
     frame_selection: str = "uniform"
     stream_partial: bool = True
-    service_name: str = "/stllm/ask"
-    action_name: str = "/stllm/ask"
+    service_name: str = "stllm/ask"
+    action_name: str = "stllm/ask"
     diagnostics_period_sec: float = 1.0
-    answers_topic: str = "/stllm/answers"
-    partial_topic: str = "/stllm/answers_partial"
+    answers_topic: str = "stllm/answers"
+    partial_topic: str = "stllm/answers_partial"
 
     def __post_init__(self) -> None:
         check(bool(self.model.strip()), "model", self.model, "a model name or directory")
@@ -78,7 +91,8 @@ class ReasonerConfig:
               "0 (off) .. 3600 seconds")
         for name in ("service_name", "action_name", "answers_topic", "partial_topic"):
             value = getattr(self, name)
-            check(value.startswith("/") and " " not in value, name, value, "an absolute ROS name such as '/stllm/ask'")
+            check(is_ros_name(value), name, value, "a ROS name such as 'stllm/ask' (relative: in the node's namespace) "
+                  "or '/stllm/ask'")
 
 
     def engine_config(self) -> EngineConfig:
