@@ -234,8 +234,9 @@ def test_truncated_real_bag_and_garbage_files(tmp_path):
         bag_info(tmp_path / "nope")
 
 
-def _write_custom_bag(path: Path, tf_stamps_ns, image_stamps_ns, translations) -> None:
-    """A bag with /tf samples and images at different stamps (as a real robot records), written with rosbags."""
+def _write_custom_bag(path: Path, tf_stamps_ns, image_stamps_ns, translations, depth_offset_ns=None) -> None:
+    """A bag with /tf samples and images at different stamps (as a real robot records), written with rosbags; with
+    `depth_offset_ns`, a 32FC1 depth image per image, stamped that much later (filled with the image's index + 1)."""
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
 
@@ -250,6 +251,7 @@ def _write_custom_bag(path: Path, tf_stamps_ns, image_stamps_ns, translations) -
         c_tf = w.add_connection("/tf", "tf2_msgs/msg/TFMessage", typestore=ts)
         c_info = w.add_connection("/camera/color/camera_info", "sensor_msgs/msg/CameraInfo", typestore=ts)
         c_img = w.add_connection("/camera/color/image_raw", "sensor_msgs/msg/Image", typestore=ts)
+        c_depth = w.add_connection("/camera/depth/image_raw", "sensor_msgs/msg/Image", typestore=ts)
         t0 = min(s for s, _, _ in events)
         static = M.TFMessage(transforms=[M.transform(t0, "camera_link", "cam_opt", T_LINK_OPTICAL)])
         w.write(c_static, t0, ts.serialize_cdr(static, "tf2_msgs/msg/TFMessage"))
@@ -262,6 +264,10 @@ def _write_custom_bag(path: Path, tf_stamps_ns, image_stamps_ns, translations) -
             else:
                 w.write(c_info, s, ts.serialize_cdr(M.camera_info(s, "cam_opt", K, 6, 4), "sensor_msgs/msg/CameraInfo"))
                 w.write(c_img, s, ts.serialize_cdr(M.image(s, "cam_opt", img, "bgr8"), "sensor_msgs/msg/Image"))
+                if depth_offset_ns is not None:
+                    d = np.full(img.shape[:2], i + 1.0, np.float32)
+                    sd = s + depth_offset_ns
+                    w.write(c_depth, sd, ts.serialize_cdr(M.image(sd, "cam_opt", d, "32FC1"), "sensor_msgs/msg/Image"))
 
 
 def test_read_bag_clip_interpolates_tf_and_refuses_extrapolation(tmp_path):
@@ -279,6 +285,21 @@ def test_read_bag_clip_interpolates_tf_and_refuses_extrapolation(tmp_path):
         read_bag_clip(tmp_path / "extra")
     with pytest.raises(DataError, match="no image topic /cam"):
         read_bag_clip(tmp_path / "interp", image_topic="/cam")
+
+
+def test_read_bag_clip_matches_depth_stamped_apart_from_colour(tmp_path):
+    """realsense-ros stamps colour and depth separately (milliseconds apart): depth goes with the nearest colour image
+    within depth_match_sec (20 ms), never with a farther one."""
+    s0 = 1_000 * 10**9
+    stamps = [s0 + k * 33_000_000 for k in range(4)]  # 30 Hz
+    _write_custom_bag(tmp_path / "near", [s0, s0 + 10**9], stamps, [(0, 0, 0), (1, 0, 0)], depth_offset_ns=-3_000_000)
+    clip = read_bag_clip(tmp_path / "near")
+    assert [float(f.depth[0, 0]) for f in clip.frames] == [1.0, 2.0, 3.0, 4.0]  # each with its own depth
+    stamps = [s0 + k * 100_000_000 for k in range(4)]  # 10 Hz, depth 40 ms after each image: none within 20 ms
+    _write_custom_bag(tmp_path / "far", [s0, s0 + 10**9], stamps, [(0, 0, 0), (1, 0, 0)], depth_offset_ns=40_000_000)
+    assert all(f.depth is None for f in read_bag_clip(tmp_path / "far").frames)
+    clip = read_bag_clip(tmp_path / "far", depth_match_sec=0.05)
+    assert [float(f.depth[0, 0]) for f in clip.frames] == [1.0, 2.0, 3.0, 4.0]
 
 
 def optical_pose_at(t) -> np.ndarray:

@@ -668,12 +668,14 @@ def read_bag_clip(
     points_topic: str | None = "/scene/points",
     world_frame: str = "map",
     tf_tolerance_sec: float = 0.05,
+    depth_match_sec: float = 0.02,
 ) -> Clip:
     """Read a camera bag back into a Clip: every image with its K and T_world_cam (world_frame <- image frame_id).
 
     Poses are resolved through /tf_static and /tf (interpolated between /tf samples; up to `tf_tolerance_sec` beyond
-    the ends). K comes from the camera_info with the image's stamp, else the latest earlier one. Depth is matched to the
-    image by stamp. The scene is the last cloud on `points_topic` (in world_frame) or empty.
+    the ends). K comes from the camera_info with the image's stamp, else the latest earlier one. Depth goes with the image
+    of the nearest stamp within `depth_match_sec` (drivers stamp colour and depth separately: realsense-ros differs by
+    milliseconds; live perception matches within color_match_sec, the same 20 ms). The scene is the last cloud on `points_topic` (in world_frame) or empty.
     The image and depth topics may carry sensor_msgs/Image (any encoding of sensor_arrays' COLOR_ENCODINGS /
     DEPTH_ENCODINGS) or sensor_msgs/CompressedImage (image_transport "compressed" jpeg/png for colour, e.g.
     /camera/color/image_raw/compressed; "compressedDepth" png for depth). Depth without a measurement (NaN, 0 mm,
@@ -738,12 +740,21 @@ def read_bag_clip(
         raise DataError(f"Bag {path} has no camera_info on {camera_info_topic}.")
     infos.sort(key=lambda x: x[0])
     info_stamps = [s for s, _ in infos]
+    depth_stamps = np.array(sorted(depths), np.int64)
+    tol_ns = int(round(depth_match_sec * 1e9))
+
+    def depth_at(stamp: int) -> np.ndarray | None:
+        j = int(np.searchsorted(depth_stamps, stamp))
+        near = [int(depth_stamps[k]) for k in (j - 1, j) if 0 <= k < len(depth_stamps)]
+        best = min(near, key=lambda s: abs(s - stamp), default=None)
+        return depths[best] if best is not None and abs(best - stamp) <= tol_ns else None
+
     frames = []
     for stamp, frame_id, img in sorted(images, key=lambda x: x[0]):
         j = int(np.searchsorted(info_stamps, stamp, side="right")) - 1
         K = infos[max(j, 0)][1]
         T = lookup(frame_id, stamp, tf_tolerance_sec)
-        frames.append(Frame(stamp=stamp * 1e-9, image=img, K=K.copy(), T_world_cam=T, depth=depths.get(stamp)))
+        frames.append(Frame(stamp=stamp * 1e-9, image=img, K=K.copy(), T_world_cam=T, depth=depth_at(stamp)))
     if reader.skipped:
         logger.warning("Bag %s: skipped %s.", path, dict(reader.skipped))
     return Clip(frames=tuple(frames), scene=scene)
