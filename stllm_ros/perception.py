@@ -50,7 +50,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from stllm_core.config import check, check_choice, from_dict
 from stllm_core.errors import ConfigError, InputError
@@ -81,6 +81,8 @@ class PerceptionConfig:
     diagnostics_topic: str = "/diagnostics"  # "" disables
     world_frame: str = "map"  # fixed frame of the poses and the map (REP-105); prefixed ids (robot1/map) are fine
     camera_frame: str = ""  # "" = the image header's frame_id (the optical frame, REP-103)
+    image_transport: str = "raw"  # "raw" (sensor_msgs/Image on image_topic) | "compressed" (image_transport's
+    # compressed: sensor_msgs/CompressedImage jpeg/png on image_topic + "/compressed", e.g. over Wi-Fi)
     sensor_qos: str = "sensor_data"  # "sensor_data" (best effort) | "reliable"
     sensor_depth: int = 5  # history of the image/info/depth/points subscriptions (5 = the sensor-data profile)
     points_durability: str = "auto"  # "auto" (the publishers' when perception starts) | "volatile" | "transient_local"
@@ -120,6 +122,7 @@ class PerceptionConfig:
             check(value == "" or is_ros_name(value), name, value,
                   "a ROS topic name (relative names resolve in the node's namespace) or ''")
         check_choice("sensor_qos", self.sensor_qos, ("sensor_data", "reliable"))
+        check_choice("image_transport", self.image_transport, ("raw", "compressed"))
         check_choice("points_durability", self.points_durability, ("auto", "volatile", "transient_local"))
         for name in ("queue_size", "max_pending", "depth_stride", "sensor_depth"):
             value = getattr(self, name)
@@ -226,7 +229,8 @@ class Perception:
         sensor = _qos(config.sensor_qos == "reliable", config.sensor_depth)  # depth 5 best effort = sensor data
         sensors, tf_group = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
         subs = [
-            (Image, config.image_topic, self._on_image, sensor, sensors),
+            (CompressedImage, config.image_topic.rstrip("/") + "/compressed", self._on_image, sensor, sensors)
+            if config.image_transport == "compressed" else (Image, config.image_topic, self._on_image, sensor, sensors),
             (CameraInfo, config.camera_info_topic, self._on_color_info, sensor, sensors),
             (TFMessage, config.tf_topic, self._on_tf, _qos(True, 100), tf_group),
             (TFMessage, config.tf_static_topic, self._on_tf_static, _qos(True, 100, transient=True), tf_group),
@@ -402,7 +406,7 @@ class Perception:
             return sensor
         return _qos(True, self.config.sensor_depth, transient=True)
 
-    def _on_image(self, msg: Image) -> None:
+    def _on_image(self, msg: Image | CompressedImage) -> None:
         self._count("images_received")
         stamp = self._stamp(msg, "image")
         if stamp is None:
@@ -427,17 +431,23 @@ class Perception:
         if not keyframe and not self.config.depth_topic:  # not needed to colour depth either: skip before converting
             self._count("images_skipped_keyframe_period")
             return
-        if msg.encoding not in cv.COLOR_ENCODINGS:
+        compressed = isinstance(msg, CompressedImage)
+        if not compressed and msg.encoding not in cv.COLOR_ENCODINGS:
             self._bad_input("bad_encoding", f"image encoding {msg.encoding!r} on {self.config.image_topic}")
             return
-        K = self._camera_K("color", int(msg.width), int(msg.height), "image_info_size_mismatch")
-        if K is None:
-            return
+        if not compressed:  # the size is known before decoding: refuse a mismatch without converting
+            K = self._camera_K("color", int(msg.width), int(msg.height), "image_info_size_mismatch")
+            if K is None:
+                return
         try:
-            rgb = cv.image_to_rgb(msg)
+            rgb = cv.compressed_to_rgb(msg) if compressed else cv.image_to_rgb(msg)
         except InputError as e:
             self._bad_input("bad_image", str(e))
             return
+        if compressed:
+            K = self._camera_K("color", int(rgb.shape[1]), int(rgb.shape[0]), "image_info_size_mismatch")
+            if K is None:
+                return
         if self.config.depth_topic:
             with self._lock:
                 self._colors.append((stamp, frame_id, rgb))

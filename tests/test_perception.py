@@ -659,3 +659,46 @@ def test_prefixed_frames_are_accepted_and_bad_frames_or_topics_refused_with_the_
         PerceptionConfig(world_frame="/map")
     with pytest.raises(ConfigError, match="image_topic"):
         PerceptionConfig(image_topic="camera//image")
+
+
+def test_compressed_image_transport_is_decoded_and_bad_bytes_are_counted_not_fatal():
+    """image_transport "compressed" (as a robot streams its camera over Wi-Fi): sensor_msgs/CompressedImage jpeg on
+    <image_topic>/compressed, decoded to the frame; a garbage payload is a counted bad input, the node goes on."""
+    import cv2
+    import rclpy
+    from sensor_msgs.msg import CompressedImage
+
+    with RosTestNode("perception_compressed") as host:
+        perception = Perception(host.node, _rig_config(image_transport="compressed", depth_topic="",
+                                                       points_topic=""))
+        node = rclpy.create_node("compressed_feed", context=host.context)
+        host.executor.add_node(node)
+        try:
+            pub = node.create_publisher(CompressedImage, "/t/image/compressed", RELIABLE)
+            info = node.create_publisher(CameraInfo, "/t/info", RELIABLE)
+            static = node.create_publisher(TFMessage, "/tf_static", LATCHED)
+            wait_until(lambda: pub.get_subscription_count() > 0 and info.get_subscription_count() > 0, 60,
+                       what="subscriptions to match")
+            static.publish(TFMessage(transforms=[cv.transform_to_msg("map", "cam", 0.0, np.zeros(3),
+                                                                     np.array([0, 0, 0, 1.0]))]))
+            info.publish(cv.K_to_camera_info(np.diag([50.0, 50.0, 1.0]), 64, 48, 1.0, "cam"))
+            _wait_count(perception, "camera_info_received", 1)
+            rgb = np.zeros((48, 64, 3), np.uint8)
+            rgb[:] = (200, 40, 10)
+            ok, jpeg = cv2.imencode(".jpg", rgb[..., ::-1])  # OpenCV encodes BGR, as compressed_image_transport
+            assert ok
+            msg = CompressedImage(format="rgb8; jpeg compressed bgr8", data=jpeg.tobytes())
+            msg.header.stamp, msg.header.frame_id = cv.sec_to_stamp(5.0), "cam"
+            pub.publish(msg)
+            bad = CompressedImage(format="jpeg", data=b"not a jpeg")
+            bad.header.stamp, bad.header.frame_id = cv.sec_to_stamp(5.5), "cam"
+            pub.publish(bad)
+            _wait_count(perception, "images_received", 2)
+            wait_until(perception.idle, 30, what="idle")
+            frames = perception.clip(10.0, 10).frames
+            assert len(frames) == 1 and frames[0].image.shape == (48, 64, 3)
+            assert np.abs(frames[0].image.astype(int) - rgb).max() <= 8  # jpeg's loss, colours not swapped
+            assert perception.stats()["bad_input"].get("bad_image", 0) == 1
+        finally:
+            perception.close()
+            node.destroy_node()
