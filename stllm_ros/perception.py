@@ -81,8 +81,7 @@ class PerceptionConfig:
     diagnostics_topic: str = "/diagnostics"  # "" disables
     world_frame: str = "map"  # fixed frame of the poses and the map (REP-105); prefixed ids (robot1/map) are fine
     camera_frame: str = ""  # "" = the image header's frame_id (the optical frame, REP-103)
-    image_transport: str = "raw"  # "raw" (sensor_msgs/Image on image_topic) | "compressed" (image_transport's
-    # compressed: sensor_msgs/CompressedImage jpeg/png on image_topic + "/compressed", e.g. over Wi-Fi)
+    image_transport: str = "raw"  # "raw" (Image on image_topic) | "compressed" (CompressedImage on <topic>/compressed)
     sensor_qos: str = "sensor_data"  # "sensor_data" (best effort) | "reliable"
     sensor_depth: int = 5  # history of the image/info/depth/points subscriptions (5 = the sensor-data profile)
     points_durability: str = "auto"  # "auto" (the publishers' when perception starts) | "volatile" | "transient_local"

@@ -251,8 +251,8 @@ def test_action_feedback_grows_to_the_result(ros, stack, action_client):
     assert len(texts) >= 2, "fewer than 2 feedback messages with text"
     assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(texts, texts[1:])), texts
     assert texts[-1] == res.answer and res.num_tokens <= 32 and len(res.request_id) == 32
-    phases = [f.phase for f in feedback]
-    assert phases[0] in ("queued", "encoding") and "encoding" in phases
+    phases = [f.phase for f in feedback]  # (the first ones may precede the client's goal handle: rclpy drops them)
+    assert set(phases) <= {"queued", "encoding", "generating"} and phases[-1] == "generating"
     assert [f.num_tokens for f in feedback] == sorted(f.num_tokens for f in feedback)
 
 
@@ -360,7 +360,8 @@ def test_queued_goal_cancel_full_queue_rejection_and_diagnostics(ros, stack):
         if first.result.done() and "while answering" in res.error:  # the first ended, the second ran: again
             continue
         assert status == GoalStatus.STATUS_CANCELED and res.num_tokens == 0 and "queue" in res.error
-        assert second.feedback and {f.phase for f in second.feedback} == {"queued"}
+        # it never ran (its "queued" feedback may come before the client has the goal's handle: rclpy drops that)
+        assert {f.phase for f in second.feedback} <= {"queued"}
         assert any(values(s).get("queue_length") == "1" for s in nomap_status(diags))
         first.handle.cancel_goal_async()
         status, res = first.wait(30)
