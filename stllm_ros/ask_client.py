@@ -18,6 +18,7 @@ import time
 
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
+from rclpy.signals import SignalHandlerOptions
 
 from stllm_ros.srv import AskSTLLM
 
@@ -67,41 +68,45 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(user_args)
     if args.max_new_tokens < 0:
         p.error("--max-new-tokens must be >= 0")
-    if args.stream:
-        return stream(args, argv)
-
-    rclpy.init(args=["stllm-ask", *argv])
+    # --stream: no rclpy SIGINT handler; it would shut the context down at Ctrl-C, and the cancel could not be sent
+    options = {"signal_handler_options": SignalHandlerOptions.NO} if args.stream else {}
+    rclpy.init(args=["stllm-ask", *argv], **options)
     node = rclpy.create_node("stllm_ask")
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
-        client = node.create_client(AskSTLLM, args.service)
-        deadline = time.monotonic() + args.timeout
-        if not client.wait_for_service(timeout_sec=args.timeout):
-            print(f"error: service {args.service} is not available (is the reasoner running?)", file=sys.stderr)
-            return 2
-        # The graph lists a service before the server's request reader has matched this new client's writer; a
-        # request sent in that gap is lost. Let discovery settle (measured: needed under load with 16 clients).
-        time.sleep(SETTLE_SEC)
-        req = AskSTLLM.Request(question=args.question, window_sec=args.window, max_new_tokens=args.max_new_tokens)
-        future = client.call_async(req)
-        executor.spin_until_future_complete(future, timeout_sec=max(1.0, deadline - time.monotonic()))
-        if not future.done():
-            print(f"error: no reply from {args.service} within {args.timeout:.0f} s", file=sys.stderr)
-            return 2
-        res = future.result()
-        if res.success and not args.json:
-            print(res.answer)
-        _print_result(res, args.json)
-        if not res.success and not args.json:
-            print(f"refused: {res.error}", file=sys.stderr)
-        return 0 if res.success else 1
+        return (stream if args.stream else call)(args, node, executor)
     except KeyboardInterrupt:
         return 130
     finally:
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
+
+
+def call(args, node, executor) -> int:
+    """The service client: the answer printed when it is complete."""
+    client = node.create_client(AskSTLLM, args.service)
+    deadline = time.monotonic() + args.timeout
+    if not client.wait_for_service(timeout_sec=args.timeout):
+        print(f"error: service {args.service} is not available (is the reasoner running?)", file=sys.stderr)
+        return 2
+    # The graph lists a service before the server's request reader has matched this new client's writer; a
+    # request sent in that gap is lost. Let discovery settle (measured: needed under load with 16 clients).
+    time.sleep(SETTLE_SEC)
+    req = AskSTLLM.Request(question=args.question, window_sec=args.window, max_new_tokens=args.max_new_tokens)
+    future = client.call_async(req)
+    executor.spin_until_future_complete(future, timeout_sec=max(1.0, deadline - time.monotonic()))
+    if not future.done():
+        print(f"error: no reply from {args.service} within {args.timeout:.0f} s", file=sys.stderr)
+        return 2
+    res = future.result()
+    if res.success and not args.json:
+        print(res.answer)
+    _print_result(res, args.json)
+    if not res.success and not args.json:
+        print(f"refused: {res.error}", file=sys.stderr)
+    return 0 if res.success else 1
 
 
 def _print_result(res, as_json: bool) -> None:
@@ -116,19 +121,13 @@ def _print_result(res, as_json: bool) -> None:
         )
 
 
-def stream(args, argv: list[str]) -> int:
+def stream(args, node, executor) -> int:
     """The action client: feedback printed as it arrives; Ctrl-C cancels the goal and waits for its result."""
     from action_msgs.msg import GoalStatus
     from rclpy.action import ActionClient
-    from rclpy.signals import SignalHandlerOptions
 
     from stllm_ros.action import AskSTLLM as AskAction
 
-    # No rclpy SIGINT handler: it would shut the context down at Ctrl-C, and the cancel request could not be sent.
-    rclpy.init(args=["stllm-ask", *argv], signal_handler_options=SignalHandlerOptions.NO)
-    node = rclpy.create_node("stllm_ask")
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
     shown = [""]
 
     def on_feedback(msg) -> None:
@@ -138,55 +137,47 @@ def stream(args, argv: list[str]) -> int:
             sys.stdout.flush()
             shown[0] = text
 
-    goal_handle = None
+    client = ActionClient(node, AskAction, args.action)
+    deadline = time.monotonic() + args.timeout
+    if not client.wait_for_server(timeout_sec=args.timeout):
+        print(f"error: action {args.action} is not available (is the reasoner running?)", file=sys.stderr)
+        return 2
+    time.sleep(SETTLE_SEC)  # as for the service: let the server's readers match this client's writers
+    goal = AskAction.Goal(question=args.question, window_sec=args.window, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p)
+    sent = client.send_goal_async(goal, feedback_callback=on_feedback)
+    executor.spin_until_future_complete(sent, timeout_sec=max(1.0, deadline - time.monotonic()))
+    if not sent.done():
+        print(f"error: no reply from {args.action} within {args.timeout:.0f} s", file=sys.stderr)
+        return 2
+    goal_handle = sent.result()
+    if not goal_handle.accepted:
+        print("rejected: the reasoner did not accept the question (busy: its queue is full, or not active; "
+              "see its log or /diagnostics)", file=sys.stderr)
+        return 1
+    result = goal_handle.get_result_async()
+    cancelled = False
     try:
-        client = ActionClient(node, AskAction, args.action)
-        deadline = time.monotonic() + args.timeout
-        if not client.wait_for_server(timeout_sec=args.timeout):
-            print(f"error: action {args.action} is not available (is the reasoner running?)", file=sys.stderr)
-            return 2
-        time.sleep(SETTLE_SEC)  # as for the service: let the server's readers match this client's writers
-        goal = AskAction.Goal(question=args.question, window_sec=args.window, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p)
-        sent = client.send_goal_async(goal, feedback_callback=on_feedback)
-        executor.spin_until_future_complete(sent, timeout_sec=max(1.0, deadline - time.monotonic()))
-        if not sent.done():
-            print(f"error: no reply from {args.action} within {args.timeout:.0f} s", file=sys.stderr)
-            return 2
-        goal_handle = sent.result()
-        if not goal_handle.accepted:
-            print("rejected: the reasoner did not accept the question (busy: its queue is full, or not active; "
-                  "see its log or /diagnostics)", file=sys.stderr)
-            return 1
-        result = goal_handle.get_result_async()
-        cancelled = False
-        try:
-            executor.spin_until_future_complete(result, timeout_sec=max(1.0, deadline - time.monotonic()))
-        except KeyboardInterrupt:
-            cancelled = True
-            executor.spin_until_future_complete(goal_handle.cancel_goal_async(), timeout_sec=10)
-            executor.spin_until_future_complete(result, timeout_sec=30)
-        if not result.done():
-            print(f"error: no result from {args.action} within {args.timeout:.0f} s", file=sys.stderr)
-            return 2
-        res, status = result.result().result, result.result().status
-        if not args.json:
-            rest = res.answer[len(shown[0]):] if res.answer.startswith(shown[0]) else "\n" + res.answer
-            print(rest)
-        _print_result(res, args.json)
-        if status == GoalStatus.STATUS_CANCELED:
-            print(f"cancelled after {res.num_tokens} tokens", file=sys.stderr)
-            return 130
-        if not res.success:
-            print(f"refused: {res.error}", file=sys.stderr)
-            return 1
-        return 130 if cancelled else 0
+        executor.spin_until_future_complete(result, timeout_sec=max(1.0, deadline - time.monotonic()))
     except KeyboardInterrupt:
+        cancelled = True
+        executor.spin_until_future_complete(goal_handle.cancel_goal_async(), timeout_sec=10)
+        executor.spin_until_future_complete(result, timeout_sec=30)
+    if not result.done():
+        print(f"error: no result from {args.action} within {args.timeout:.0f} s", file=sys.stderr)
+        return 2
+    res, status = result.result().result, result.result().status
+    if not args.json:
+        rest = res.answer[len(shown[0]):] if res.answer.startswith(shown[0]) else "\n" + res.answer
+        print(rest)
+    _print_result(res, args.json)
+    if status == GoalStatus.STATUS_CANCELED:
+        print(f"cancelled after {res.num_tokens} tokens", file=sys.stderr)
         return 130
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    if not res.success:
+        print(f"refused: {res.error}", file=sys.stderr)
+        return 1
+    return 130 if cancelled else 0
 
 
 if __name__ == "__main__":

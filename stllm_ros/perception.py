@@ -52,10 +52,9 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
-from stllm_core.config import check, check_choice, from_dict
+from stllm_core.config import check, check_choice, from_dict, is_frame_id, is_ros_name
 from stllm_core.errors import ConfigError, InputError
 from stllm_core.memory import FrameBuffer, FrameBufferConfig, SceneMap, SceneMapConfig, TransformBuffer
-from stllm_core.reasoning.config import is_ros_name
 from stllm_core.types import Clip, Frame
 from stllm_ros import conversions as cv
 
@@ -110,11 +109,10 @@ class PerceptionConfig:
             self.map = from_dict(SceneMapConfig, self.map, "PerceptionConfig.map")
         check(bool(self.image_topic), "image_topic", self.image_topic, "a topic name")
         check(bool(self.camera_info_topic), "camera_info_topic", self.camera_info_topic, "a topic name")
-        for name in ("world_frame", "camera_frame"):  # tf2: ids may hold "/" (robot1/map), never start with it
-            value = getattr(self, name)
-            check(isinstance(value, str) and not value.startswith("/") and not any(c.isspace() for c in value)
-                  and (bool(value) or name == "camera_frame"), name, value,
-                  "a tf2 frame id such as 'map' or 'robot1/map' (no leading '/', no spaces)")
+        frame_id = "a tf2 frame id such as 'map' or 'robot1/map' (no leading '/', no spaces)"
+        check(is_frame_id(self.world_frame), "world_frame", self.world_frame, frame_id)
+        check(self.camera_frame == "" or is_frame_id(self.camera_frame), "camera_frame", self.camera_frame,
+              frame_id + " or '' (the image's)")
         for name in ("image_topic", "camera_info_topic", "depth_topic", "depth_info_topic", "points_topic", "tf_topic",
                      "tf_static_topic", "map_topic", "diagnostics_topic"):
             value = getattr(self, name)
@@ -227,9 +225,10 @@ class Perception:
 
         sensor = _qos(config.sensor_qos == "reliable", config.sensor_depth)  # depth 5 best effort = sensor data
         sensors, tf_group = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
+        image = ((CompressedImage, config.image_topic + "/compressed") if config.image_transport == "compressed"
+                 else (Image, config.image_topic))  # image_transport's topic naming
         subs = [
-            (CompressedImage, config.image_topic.rstrip("/") + "/compressed", self._on_image, sensor, sensors)
-            if config.image_transport == "compressed" else (Image, config.image_topic, self._on_image, sensor, sensors),
+            (*image, self._on_image, sensor, sensors),
             (CameraInfo, config.camera_info_topic, self._on_color_info, sensor, sensors),
             (TFMessage, config.tf_topic, self._on_tf, _qos(True, 100), tf_group),
             (TFMessage, config.tf_static_topic, self._on_tf_static, _qos(True, 100, transient=True), tf_group),

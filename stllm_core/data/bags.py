@@ -675,7 +675,8 @@ def read_bag_clip(
     Poses are resolved through /tf_static and /tf (interpolated between /tf samples; up to `tf_tolerance_sec` beyond
     the ends). K comes from the camera_info with the image's stamp, else the latest earlier one. Depth goes with the image
     of the nearest stamp within `depth_match_sec` (drivers stamp colour and depth separately: realsense-ros differs by
-    milliseconds; live perception matches within color_match_sec, the same 20 ms). The scene is the last cloud on `points_topic` (in world_frame) or empty.
+    milliseconds; live perception matches within color_match_sec, the same 20 ms). The scene is the last cloud on
+    `points_topic` (in world_frame) or empty.
     The image and depth topics may carry sensor_msgs/Image (any encoding of sensor_arrays' COLOR_ENCODINGS /
     DEPTH_ENCODINGS) or sensor_msgs/CompressedImage (image_transport "compressed" jpeg/png for colour, e.g.
     /camera/color/image_raw/compressed; "compressedDepth" png for depth). Depth without a measurement (NaN, 0 mm,

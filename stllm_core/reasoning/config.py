@@ -5,10 +5,9 @@ config/reasoner.yaml, the launch file and stllm-run share one list."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from stllm_core.config import check, check_choice
+from stllm_core.config import check, check_choice, is_ros_name
 from stllm_core.engine import MAX_NEW_TOKENS_LIMIT, EngineConfig
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -39,18 +38,6 @@ HELP = {
     "partial_topic": "stllm_ros/msg/PartialAnswer (request id + the answer so far) while answering, when "
     "stream_partial",
 }
-
-
-_NAME = re.compile(r"^(/|~/)?[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
-
-
-def is_ros_name(name: str) -> bool:
-    """A valid ROS 2 topic/service name (relative, absolute or private ~/), without substitutions.
-
-    >>> [is_ros_name(n) for n in ("stllm/ask", "/stllm/ask", "~/ask", "2d/ask", "a//b", "a b", "")]
-    [True, True, True, False, False, False, False]
-    """
-    return isinstance(name, str) and bool(_NAME.match(name))
 
 
 @dataclass

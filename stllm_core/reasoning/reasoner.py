@@ -9,6 +9,7 @@ sends can raise out of `ask`.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import threading
@@ -31,7 +32,6 @@ ClipSource = Callable[[float, int, str], Clip]
 
 
 STATUSES = ("answered", "refused", "cancelled", "timeout")
-PHASES = ("queued", "encoding", "generating")
 
 
 @dataclass
@@ -133,9 +133,6 @@ class Request:
     def cancel(self) -> bool:
         return self.job is not None and self.reasoner.worker.cancel(self.job)
 
-    def done(self) -> bool:
-        return self._refusal is not None or self.job is None or self.job.future.done()
-
     def wait(self, timeout: float | None = None) -> Result:
         if self._result is not None:
             return self._result
@@ -146,11 +143,8 @@ class Request:
             else:
                 result = self.job.future.result(timeout=cfg.timeout_sec + 5.0 if timeout is None else timeout)
         except Cancelled as e:
-            p = e.partial
-            result = Result(False, error=str(e), status="cancelled")
-            if isinstance(p, Result):
-                result = Result(False, p.answer, str(e), p.clip_start, p.clip_end, p.num_frames, p.num_points,
-                                p.encode_ms, p.prefill_ms, p.decode_ms, p.num_tokens, "cancelled")
+            partial = e.partial if isinstance(e.partial, Result) else Result(False)  # what it had when it stopped
+            result = dataclasses.replace(partial, success=False, error=str(e), status="cancelled")
         except Timeout as e:
             result = Result(False, error=str(e), status="timeout")
         except (Busy, InputError) as e:
