@@ -1,11 +1,19 @@
 """stllm-run: start the stllm stack without the `launch` package (bare machines), from the same node list and the same
 YAML parameters as launch/reasoning.launch.py.
 
-    stllm-run [--params-file config/reasoner.yaml] [--param model:=tiny-random ...] [--bag BAG [--rate 1.0] [--loop]]
+    stllm-run [--params-file config/reasoner.yaml] [--param model:=tiny-random ...] [--remap FROM:=TO ...]
+              [--bag BAG [--rate 1.0] [--loop]]
 
 With --bag the demo/recorded bag is replayed into the graph by stllm-play with /clock, and the nodes use sim time, so
 the reasoner's window is measured in the bag's time. Ctrl-C stops everything; if a node exits, the rest are stopped and
 stllm-run exits with its status.
+
+--remap FROM:=TO is passed as a ROS remap rule (`--ros-args -r FROM:=TO`) to every node of the stack (not to the bag
+player, whose topics are the bag's; stllm-play --remap renames those), e.g. for realsense-ros 4.x:
+    stllm-run -r camera/color/image_raw:=/camera/camera/color/image_raw \\
+              -r camera/color/camera_info:=/camera/camera/color/camera_info
+A rule matches a node's topic name exactly: with perception.image_transport compressed the colour topic is
+<image_topic>/compressed, so remap that name (camera/color/image_raw/compressed:=...) or set perception.image_topic.
 """
 
 from __future__ import annotations
@@ -21,12 +29,15 @@ import time
 from stllm_ros.stack import LAUNCH_ARGUMENTS, NODES, REPLAY_PARAMS, default_params_file, player_arguments
 
 
-def node_command(spec, params_file: str, params: list[str], namespace: str = "") -> list[str]:
+def node_command(spec, params_file: str, params: list[str], namespace: str = "",
+                 remaps: list[str] | None = None) -> list[str]:
     exe = shutil.which(spec.executable)
     cmd = [exe] if exe else [sys.executable, "-m", spec.module]
     cmd += ["--ros-args", "-r", f"__node:={spec.name}"]
     if namespace.strip("/"):
         cmd += ["-r", f"__ns:=/{namespace.strip('/')}"]
+    for r in remaps or []:
+        cmd += ["-r", r]
     cmd += ["--params-file", params_file]
     for p in params:
         cmd += ["-p", p]
@@ -47,6 +58,15 @@ def parse_param(text: str) -> str:
     return f"{name}:={value}"
 
 
+def parse_remap(text: str) -> str:
+    src, sep, dst = text.partition(":=")
+    if not sep or not src or not dst or " " in text:
+        raise argparse.ArgumentTypeError(f"expected a remap rule FROM:=TO, got {text!r}")
+    if src.startswith("__"):  # __node / __ns are stllm-run's own (--namespace); a node-name remap would break it
+        raise argparse.ArgumentTypeError(f"{src}:= is not a topic remap; use --namespace for the namespace")
+    return f"{src}:={dst}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="stllm-run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -62,6 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         type=parse_param,
         metavar="NAME:=VALUE",
         help="override one parameter (repeatable); launch-argument names are accepted too",
+    )
+    p.add_argument(
+        "--remap",
+        "-r",
+        action="append",
+        default=[],
+        type=parse_remap,
+        metavar="FROM:=TO",
+        help="ROS remap rule for every node of the stack (repeatable), passed as --ros-args -r FROM:=TO; relative "
+        "names resolve in the node's namespace (camera/color/image_raw:=/camera/camera/color/image_raw)",
     )
     p.add_argument("--bag", help="replay this rosbag2 bag (mcap or sqlite3) into the graph with /clock")
     p.add_argument("--rate", type=float, default=1.0, help="bag replay rate")
@@ -88,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         for spec in NODES:
-            cmd = node_command(spec, params_file, params, args.namespace)
+            cmd = node_command(spec, params_file, params, args.namespace, args.remap)
             full = "/".join(x for x in ("", args.namespace.strip("/"), spec.name) if x)
             print(f"[stllm-run] starting /{full}: {' '.join(cmd)}", flush=True)
             procs.append(subprocess.Popen(cmd, start_new_session=True))
