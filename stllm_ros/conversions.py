@@ -11,6 +11,8 @@ Conventions:
   32FC1 is metres (REP-117: NaN/+-Inf are kept; callers mask non-finite values).
 - Point clouds: a structured array with float32 fields x, y, z (metres, in `header.frame_id`) and rgb, the PCL packing
   of 0x00RRGGBB in a uint32 reinterpreted as float32 (what RViz and PCL read).
+- CameraInfo -> CameraModel (`camera_info_to_model`): K, D, P; raw distorted images are undistorted into pinhole
+  images before their rays are computed (stllm_core.geometry.camera).
 - Stamps: `builtin_interfaces/Time` <-> float seconds (`sec + nanosec * 1e-9`).
 - Transforms: `TransformStamped` <-> (parent, child, stamp, t (3,) metres, q (4,) xyzw), meaning T_parent_child.
 """
@@ -39,6 +41,7 @@ from stllm_core.data.sensor_arrays import (  # noqa: F401  (re-exported: the dec
     unpack_rgb,
 )
 from stllm_core.errors import InputError
+from stllm_core.geometry.camera import CameraModel
 from stllm_core.geometry.poses import validate_quaternion
 
 # ---------------------------------------------------------------------------------------------------------- time
@@ -107,23 +110,12 @@ def numpy_to_image(arr: np.ndarray, encoding: str, stamp: float | Time = 0.0, fr
 # ---------------------------------------------------------------------------------------------------- CameraInfo
 
 
-def camera_info_to_K(msg: CameraInfo, image_size: tuple[int, int] | None = None) -> np.ndarray:
-    """CameraInfo -> K (3, 3) float64 in pixels of the image it describes.
-
-    `image_size` = (width, height) of the image the K will be used with; it must equal the CameraInfo's size
-    (a K for another resolution would put every ray in the wrong place).
-    """
-    K = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
-    where = f"CameraInfo (frame {msg.header.frame_id!r})"
-    if not np.all(np.isfinite(K)) or K[0, 0] <= 0 or K[1, 1] <= 0 or K[2, 2] != 1.0:
-        raise InputError(f"Got K={K.ravel().tolist()} in {where}; expected finite fx, fy > 0 and K[2,2] = 1.")
-    if msg.width <= 0 or msg.height <= 0:
-        raise InputError(f"Got size {msg.width}x{msg.height} in {where}; expected width and height > 0.")
-    if image_size is not None and (int(image_size[0]), int(image_size[1])) != (msg.width, msg.height):
-        raise InputError(
-            f"Image size {image_size[0]}x{image_size[1]} does not match {where} size {msg.width}x{msg.height}."
-        )
-    return K
+def camera_info_to_model(msg: CameraInfo) -> CameraModel:
+    """CameraInfo -> CameraModel (K, D, distortion model, P and the size it describes); InputError when K, the size,
+    D or P cannot be used. `.pinhole(rectified)` gives the intrinsics of pinhole images and the undistortion of raw
+    ones (stllm_core.geometry.camera)."""
+    return CameraModel.from_arrays(msg.width, msg.height, msg.k, msg.d, msg.distortion_model, msg.p,
+                                   where=f"CameraInfo (frame {msg.header.frame_id!r})")
 
 
 def K_to_camera_info(

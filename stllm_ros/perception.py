@@ -9,13 +9,21 @@ Threads and work:
 - TF callbacks validate each transform and insert it into the TransformBuffer (cheap, as tf2_ros does), which
   follows tf2: a late sample is inserted in stamp order (only one older than `tf_cache_sec` is dropped), a frame may
   change parent (each sample keeps its parent), a transform closing a cycle is refused (`bad_input["tf_rejected"]`).
-- One worker thread looks up T_world_cam at each image/depth/cloud stamp (waiting up to `pose_wait_sec` for TF to
-  catch up: an item whose pose is not known yet is kept pending, never given a guessed pose), adds keyframes to the
+- One worker thread looks up T_world_cam at each image/depth/cloud stamp (an item whose pose is not known yet is kept
+  pending, never given a guessed pose, until sensor data `pose_wait_sec` newer than it has arrived: waits are in the
+  camera's time, so a machine too loaded to deliver TF on time, which delays the images as much, does not lose frames;
+  `pose_wait_wall_sec` bounds the wait when no newer data comes), adds keyframes to the
   FrameBuffer, integrates depth/points into the SceneMap and publishes the map.
 - Keyframes: at most one image per `keyframe_period_sec` is stored (skipped ones are not even converted unless
   depth needs them for colour). Depth is coloured by the colour image of the same camera within `color_match_sec`
   (aligned depth, e.g. RealSense aligned_depth_to_color); with `attach_depth` the keyframe of that stamp is re-stored
   with its full-size depth, which the FrameBuffer's "coverage" selection uses.
+- Camera models: each image's rays come from its CameraInfo as image_proc defines it: raw images (image_raw) with a
+  non-zero D are undistorted into pinhole images with P's intrinsics (OpenCV, maps built once per CameraInfo; depth
+  by nearest sample), `image_rectified: true` takes rectified images (image_rect) with P as they are
+  (stllm_core.geometry.camera).
+- Transports: raw Image, or with `image_transport: compressed` / `depth_transport: compressedDepth` the
+  CompressedImage topics image_transport names `<topic>/compressed` and `<depth_topic>/compressedDepth`.
 - Time going backwards by more than `time_jump_reset_sec` on images or /tf (a bag replayed in a loop, a sim reset)
   clears the TF history and keyframes (static TF and the map are kept) instead of rejecting everything after it.
 
@@ -54,6 +62,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from stllm_core.config import check, check_choice, from_dict, is_frame_id, is_ros_name
 from stllm_core.errors import ConfigError, InputError
+from stllm_core.geometry.camera import CameraModel, Pinhole
 from stllm_core.memory import FrameBuffer, FrameBufferConfig, SceneMap, SceneMapConfig, TransformBuffer
 from stllm_core.types import Clip, Frame
 from stllm_ros import conversions as cv
@@ -81,12 +90,15 @@ class PerceptionConfig:
     world_frame: str = "map"  # fixed frame of the poses and the map (REP-105); prefixed ids (robot1/map) are fine
     camera_frame: str = ""  # "" = the image header's frame_id (the optical frame, REP-103)
     image_transport: str = "raw"  # "raw" (Image on image_topic) | "compressed" (CompressedImage on <topic>/compressed)
+    depth_transport: str = "raw"  # "raw" (Image on depth_topic) | "compressedDepth" (on <depth_topic>/compressedDepth)
+    image_rectified: bool = False  # true: rectified images (image_rect), rays from P; false: raw, undistorted if D != 0
     sensor_qos: str = "sensor_data"  # "sensor_data" (best effort) | "reliable"
     sensor_depth: int = 5  # history of the image/info/depth/points subscriptions (5 = the sensor-data profile)
     points_durability: str = "auto"  # "auto" (the publishers' when perception starts) | "volatile" | "transient_local"
     queue_size: int = 8  # converted messages waiting for the worker; drop-oldest beyond
     max_pending: int = 32  # items waiting for their TF; drop-oldest beyond
-    pose_wait_sec: float = 0.5  # wall time an item may wait for TF at its stamp before it is dropped
+    pose_wait_sec: float = 0.5  # camera time an item waits for its TF (dropped once data this much newer arrived)
+    pose_wait_wall_sec: float = 5.0  # and at most this much wall time when no newer sensor data comes
     keyframe_period_sec: float = 0.1  # keep at most one image per period (0 = every image); 10 Hz keeps ~25 s
     # of 640x480 history in the default FrameBuffer bounds (256 frames, 256 MiB) where 30 Hz would keep ~8 s
     depth_stride: int = 4  # integrate every n-th depth pixel in both directions
@@ -120,12 +132,15 @@ class PerceptionConfig:
                   "a ROS topic name (relative names resolve in the node's namespace) or ''")
         check_choice("sensor_qos", self.sensor_qos, ("sensor_data", "reliable"))
         check_choice("image_transport", self.image_transport, ("raw", "compressed"))
+        check_choice("depth_transport", self.depth_transport, ("raw", "compressedDepth"))
+        check(isinstance(self.image_rectified, bool), "image_rectified", self.image_rectified, "true or false")
         check_choice("points_durability", self.points_durability, ("auto", "volatile", "transient_local"))
         for name in ("queue_size", "max_pending", "depth_stride", "sensor_depth"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
         for name in (
             "pose_wait_sec",
+            "pose_wait_wall_sec",
             "keyframe_period_sec",
             "publish_map_period",
             "diagnostics_period",
@@ -203,7 +218,7 @@ class Perception:
         self._dropped: collections.Counter[str] = collections.Counter()  # items lost with a cause
         self._bad: collections.Counter[str] = collections.Counter()  # bad input by cause
         self._last_logged: dict[str, float] = {}
-        self._info: dict[str, tuple[np.ndarray, int, int]] = {}  # topic kind -> (K, width, height)
+        self._info: dict[str, CameraModel] = {}  # topic kind ("color", "depth") -> its latest CameraInfo
         self._last_image_stamp: float | None = None
         self._last_keyframe_stamp: float | None = None
         self._colors: collections.deque[tuple[float, str, np.ndarray]] = collections.deque(maxlen=8)  # to colour depth
@@ -225,14 +240,17 @@ class Perception:
 
         sensor = _qos(config.sensor_qos == "reliable", config.sensor_depth)  # depth 5 best effort = sensor data
         sensors, tf_group = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
-        image = ((CompressedImage, config.image_topic + "/compressed") if config.image_transport == "compressed"
-                 else (Image, config.image_topic))  # image_transport's topic naming
+        # image_transport's naming: the base topic resolved (namespace, remap rules), then the transport's suffix
+        image = ((CompressedImage, node.resolve_topic_name(config.image_topic) + "/compressed")
+                 if config.image_transport == "compressed" else (Image, config.image_topic))
+        depth = ((CompressedImage, node.resolve_topic_name(config.depth_topic) + "/compressedDepth")
+                 if config.depth_transport == "compressedDepth" and config.depth_topic else (Image, config.depth_topic))
         subs = [
             (*image, self._on_image, sensor, sensors),
             (CameraInfo, config.camera_info_topic, self._on_color_info, sensor, sensors),
             (TFMessage, config.tf_topic, self._on_tf, _qos(True, 100), tf_group),
             (TFMessage, config.tf_static_topic, self._on_tf_static, _qos(True, 100, transient=True), tf_group),
-            (Image, config.depth_topic, self._on_depth, sensor, sensors),
+            (*depth, self._on_depth, sensor, sensors),
             (CameraInfo, config.depth_info_topic, self._on_depth_info, sensor, sensors),
             (PointCloud2, config.points_topic, self._on_points, self._points_qos(node, sensor), sensors),
         ]
@@ -253,10 +271,8 @@ class Perception:
             )
         self._worker = threading.Thread(target=self._run, name="stllm-perception", daemon=True)
         self._worker.start()
-        self._log.info(
-            f"perception: image={config.image_topic} info={config.camera_info_topic} depth={config.depth_topic or '-'} "
-            f"points={config.points_topic or '-'} world={config.world_frame} qos={config.sensor_qos}"
-        )
+        subscribed = ", ".join(f"{sub.topic_name} ({sub.msg_type.__name__})" for sub in self._subs)
+        self._log.info(f"perception: world={config.world_frame} qos={config.sensor_qos}; subscribed to {subscribed}")
 
     # ------------------------------------------------------------------------------------------ public API
 
@@ -353,6 +369,7 @@ class Perception:
 
     def _enqueue(self, item: _Item) -> None:
         with self._queue_cv:
+            self._newest_stamp = max(self._newest_stamp, item.stamp)
             if len(self._queue) >= self.config.queue_size:
                 self._queue.popleft()
                 self._drop("queue_full")
@@ -367,25 +384,26 @@ class Perception:
 
     def _store_info(self, kind: str, msg: CameraInfo) -> None:
         try:
-            K = cv.camera_info_to_K(msg)
+            model = cv.camera_info_to_model(msg)
         except InputError as e:
             self._bad_input("bad_camera_info", str(e))
             return
         with self._lock:
-            self._info[kind] = (K, int(msg.width), int(msg.height))
+            self._info[kind] = model
             self._counts["camera_info_received"] += 1
 
-    def _camera_K(self, kind: str, width: int, height: int, cause: str) -> np.ndarray | None:
+    def _camera(self, kind: str, width: int, height: int, cause: str) -> Pinhole | None:
+        """The pinhole view (K, undistortion) of the latest CameraInfo of `kind` for an image of this size."""
         with self._lock:
             info = self._info.get(kind) or (self._info.get("color") if kind == "depth" else None)
         if info is None:
             self._drop(f"no_camera_info_{kind}")
             return None
-        K, w, h = info
-        if (w, h) != (width, height):
-            self._bad_input(cause, f"{kind} image is {width}x{height} but its CameraInfo says {w}x{h}")
+        if (info.width, info.height) != (width, height):
+            self._bad_input(cause, f"{kind} image is {width}x{height} but its CameraInfo says "
+                                   f"{info.width}x{info.height}")
             return None
-        return K
+        return info.pinhole(self.config.image_rectified)
 
     def _stamp(self, msg, what: str) -> float | None:
         """The header stamp in seconds, or None (counted as bad input `no_stamp`) when it is zero (unset)."""
@@ -434,8 +452,8 @@ class Perception:
             self._bad_input("bad_encoding", f"image encoding {msg.encoding!r} on {self.config.image_topic}")
             return
         if not compressed:  # the size is known before decoding: refuse a mismatch without converting
-            K = self._camera_K("color", int(msg.width), int(msg.height), "image_info_size_mismatch")
-            if K is None:
+            camera = self._camera("color", int(msg.width), int(msg.height), "image_info_size_mismatch")
+            if camera is None:
                 return
         try:
             rgb = cv.compressed_to_rgb(msg) if compressed else cv.image_to_rgb(msg)
@@ -443,9 +461,10 @@ class Perception:
             self._bad_input("bad_image", str(e))
             return
         if compressed:
-            K = self._camera_K("color", int(rgb.shape[1]), int(rgb.shape[0]), "image_info_size_mismatch")
-            if K is None:
+            camera = self._camera("color", int(rgb.shape[1]), int(rgb.shape[0]), "image_info_size_mismatch")
+            if camera is None:
                 return
+        rgb, K = camera.image(rgb), camera.K  # a pinhole image (undistorted when its CameraInfo says distorted)
         if self.config.depth_topic:
             with self._lock:
                 self._colors.append((stamp, frame_id, rgb))
@@ -456,7 +475,7 @@ class Perception:
             self._last_keyframe_stamp = stamp
         self._enqueue(_Item("image", stamp, frame_id, (rgb, K)))
 
-    def _on_depth(self, msg: Image) -> None:
+    def _on_depth(self, msg: Image | CompressedImage) -> None:
         self._count("depth_received")
         stamp = self._stamp(msg, "depth image")
         if stamp is None:
@@ -465,17 +484,19 @@ class Perception:
         if not frame_id:
             self._bad_input("no_frame_id", "depth image without header.frame_id and no camera_frame configured")
             return
-        if msg.encoding not in cv.DEPTH_ENCODINGS:
+        compressed = isinstance(msg, CompressedImage)
+        if not compressed and msg.encoding not in cv.DEPTH_ENCODINGS:
             self._bad_input("bad_depth_encoding", f"depth encoding {msg.encoding!r} on {self.config.depth_topic}")
             return
-        K = self._camera_K("depth", int(msg.width), int(msg.height), "depth_info_size_mismatch")
-        if K is None:
-            return
         try:
-            depth = cv.image_to_depth(msg)
+            depth = cv.compressed_depth_to_metres(msg) if compressed else cv.image_to_depth(msg)
         except InputError as e:
             self._bad_input("bad_depth", str(e))
             return
+        camera = self._camera("depth", int(depth.shape[1]), int(depth.shape[0]), "depth_info_size_mismatch")
+        if camera is None:
+            return
+        depth, K = camera.depth(depth), camera.K
         finite = np.isfinite(depth)
         if not finite.all():
             n_inf = int(np.count_nonzero(np.isinf(depth)))
@@ -563,10 +584,12 @@ class Perception:
             self._drop("reset", len(self._queue))
             self._queue.clear()
             self._reset_pending = True
+            self._newest_stamp = float("-inf")
 
     # ------------------------------------------------------------------------------------------------ worker
 
     _pending_count = 0
+    _newest_stamp = float("-inf")  # the newest stamp of the sensor data queued (the camera's clock)
     _busy = False
     _reset_pending = False
 
@@ -629,21 +652,21 @@ class Perception:
 
     def _resolve(self, queue: collections.deque[_Item]) -> None:
         """Handle items in stamp order; stop at the first whose pose is not available yet (TF arrives in order)."""
+        cfg = self.config
         while queue:
             item = queue[0]
-            waited = time.monotonic() - item.t_enqueued
-            if waited < self.config.pose_wait_sec and not self._tf_covers(item.frame_id, item.stamp):
+            may_wait = (self._newest_stamp - item.stamp <= cfg.pose_wait_sec
+                        and time.monotonic() - item.t_enqueued < cfg.pose_wait_wall_sec)
+            if may_wait and not self._tf_covers(item.frame_id, item.stamp):
                 return  # TF has not reached this stamp yet: wait rather than extrapolate within the tolerance
-            waiting_color = (
-                item.kind == "depth" and self.config.depth_requires_color and self._depth_color(item) is None
-            )
-            if waiting_color and waited < self.config.pose_wait_sec:
+            waiting_color = item.kind == "depth" and cfg.depth_requires_color and self._depth_color(item) is None
+            if waiting_color and may_wait:
                 return  # its colour image may still be on the way
             try:
                 T = self._lookup(item.frame_id, item.stamp)
             except LookupError as e:
                 self._last_pose_error = str(e)
-                if waited < self.config.pose_wait_sec:
+                if may_wait:
                     return  # wait for TF to catch up
                 queue.popleft()
                 cause = "no_pose_" + type(e).__name__

@@ -225,7 +225,7 @@ def test_bag_messages_decode_with_rclpy_and_the_ros_adapters(tmp_path):
         elif m.topic == "/camera/depth/image_raw":
             np.testing.assert_allclose(conv.image_to_depth(msg), frames[i].depth, atol=5e-4, equal_nan=True)
         elif m.topic == "/camera/color/camera_info":
-            np.testing.assert_array_equal(conv.camera_info_to_K(msg), frames[i].K)
+            np.testing.assert_array_equal(conv.camera_info_to_model(msg).pinhole().K, frames[i].K)
         elif m.topic == "/scene/points":
             xyz, rgb = conv.pointcloud2_to_xyz_rgb(msg)
             np.testing.assert_array_equal(xyz, scene.points)

@@ -302,6 +302,24 @@ def test_read_bag_clip_matches_depth_stamped_apart_from_colour(tmp_path):
     assert [float(f.depth[0, 0]) for f in clip.frames] == [1.0, 2.0, 3.0, 4.0]
 
 
+
+def test_read_bag_clip_max_frames_keeps_uniform_frames_with_their_depth(tmp_path):
+    """max_frames: uniform in time as the FrameBuffer selects, each frame and its depth as the full read gives them."""
+    s0 = 1_000 * 10**9
+    stamps = [s0 + k * 33_000_000 for k in range(10)]
+    _write_custom_bag(tmp_path / "b", [s0, s0 + 10**9], stamps, [(0, 0, 0), (1, 0, 0)], depth_offset_ns=-3_000_000)
+    full = read_bag_clip(tmp_path / "b")
+    few = read_bag_clip(tmp_path / "b", max_frames=4)
+    assert len(full.frames) == 10 and len(few.frames) == 4
+    assert [f.stamp for f in few.frames] == [full.frames[i].stamp for i in (0, 3, 6, 9)]
+    by_stamp = {f.stamp: f for f in full.frames}
+    for f in few.frames:
+        np.testing.assert_array_equal(f.image, by_stamp[f.stamp].image)
+        np.testing.assert_array_equal(f.depth, by_stamp[f.stamp].depth)
+        np.testing.assert_array_equal(f.T_world_cam, by_stamp[f.stamp].T_world_cam)
+    with pytest.raises(ConfigError, match="max_frames"):
+        read_bag_clip(tmp_path / "b", max_frames=0)
+
 def optical_pose_at(t) -> np.ndarray:
     from stllm_core.data.bags import T_LINK_OPTICAL
 

@@ -144,22 +144,75 @@ def test_numpy_to_image_refuses_bad_shapes_and_dtypes():
 # ------------------------------------------------------------------------------------------------- CameraInfo
 
 
-def test_camera_info_round_trip_and_size_check():
+def test_camera_info_round_trip_and_refusals():
     K = np.array([[525.0, 0, 319.5], [0, 525.0, 239.5], [0, 0, 1]])
-    info = cv.K_to_camera_info(K, 640, 480, stamp=3.0, frame_id="cam")
-    np.testing.assert_array_equal(cv.camera_info_to_K(info), K)
-    np.testing.assert_array_equal(cv.camera_info_to_K(info, image_size=(640, 480)), K)
-    with pytest.raises(InputError, match="320x240 does not match .* 640x480"):
-        cv.camera_info_to_K(info, image_size=(320, 240))
-
-
-def test_camera_info_refuses_invalid_K():
-    info = CameraInfo(width=640, height=480)  # all-zero K, as an unconfigured driver sends
+    model = cv.camera_info_to_model(cv.K_to_camera_info(K, 640, 480, stamp=3.0, frame_id="cam"))
+    assert (model.width, model.height, model.distorted) == (640, 480, False)
+    cam = model.pinhole()
+    np.testing.assert_array_equal(cam.K, K)
+    assert cam.maps is None  # a zero D: the images are pinhole already
     with pytest.raises(InputError, match="fx, fy > 0"):
-        cv.camera_info_to_K(info)
-    info = cv.K_to_camera_info(np.eye(3), 0, 480)
+        cv.camera_info_to_model(CameraInfo(width=640, height=480))  # all-zero K, as an unconfigured driver sends
     with pytest.raises(InputError, match="0x480"):
-        cv.camera_info_to_K(info)
+        cv.camera_info_to_model(cv.K_to_camera_info(np.eye(3), 0, 480))
+    info = cv.K_to_camera_info(K, 640, 480)
+    info.distortion_model, info.d = "kannala_brandt_9", [0.1, 0.0, 0.0, 0.0]
+    with pytest.raises(InputError, match="'kannala_brandt_9' with non-zero D .* plumb_bob"):
+        cv.camera_info_to_model(info)
+    info.d = [0.0] * 4  # an unknown model with a zero D is a pinhole camera
+    assert not cv.camera_info_to_model(info).distorted
+    info.p = [5.0] * 12  # P[2,2] must be 1
+    with pytest.raises(InputError, match="P="):
+        cv.camera_info_to_model(info)
+
+
+def _distorted_info(model: str, D: list[float]) -> CameraInfo:
+    K = np.array([[300.0, 0, 161.0], [0, 305.0, 118.0], [0, 0, 1]])
+    info = cv.K_to_camera_info(K, 320, 240, frame_id="cam")
+    info.distortion_model, info.d = model, D
+    P = np.zeros((3, 4))
+    P[:, :3] = [[280.0, 0, 159.5], [0, 280.0, 119.5], [0, 0, 1]]  # the rectified camera image_proc would publish
+    info.p = P.ravel().tolist()
+    return info
+
+
+@pytest.mark.parametrize("model,D", [("plumb_bob", [-0.28, 0.07, 0.001, -0.0005, 0.0]),
+                                     ("rational_polynomial", [-0.35, 0.1, 0.0005, 0.0, 0.0, 0.02, 0.0, 0.0]),
+                                     ("equidistant", [0.05, -0.01, 0.002, 0.0])])
+def test_raw_distorted_images_are_undistorted_into_P(model, D):
+    """A point seen at its distorted pixel in a raw image lands at its pinhole pixel under P after undistortion."""
+    import cv2
+
+    info = _distorted_info(model, D)
+    K, P = np.array(info.k).reshape(3, 3), np.array(info.p).reshape(3, 4)[:, :3]
+    cam = cv.camera_info_to_model(info).pinhole()
+    np.testing.assert_array_equal(cam.K, P)
+    for X in ([0.3, -0.2, 1.0], [-0.35, 0.25, 1.0], [0.0, 0.0, 1.0]):
+        obj = np.array([X], np.float64)
+        if model == "equidistant":
+            raw = cv2.fisheye.projectPoints(obj[None], np.zeros(3), np.zeros(3), K, np.array(D))[0][0, 0]
+        else:
+            raw = cv2.projectPoints(obj, np.zeros(3), np.zeros(3), K, np.array(D))[0][0, 0]
+        img = np.zeros((240, 320, 3), np.uint8)
+        cv2.circle(img, (int(round(raw[0])), int(round(raw[1]))), 2, (255, 255, 255), -1)
+        out = cam.image(img)
+        ys, xs = np.nonzero(out[..., 0] > 128)
+        want = P @ obj[0] / obj[0][2]
+        assert xs.size and abs(xs.mean() - want[0]) < 1.5 and abs(ys.mean() - want[1]) < 1.5, (X, xs.mean(), ys.mean())
+        pinhole_K = K @ obj[0] / obj[0][2]  # where rays from K alone would expect the point in the raw image
+        assert X[0] == 0 or np.hypot(*(pinhole_K[:2] - raw)) > 3
+
+
+def test_depth_is_undistorted_by_nearest_sample_and_rectified_images_use_P():
+    info = _distorted_info("plumb_bob", [-0.28, 0.07, 0.001, -0.0005, 0.0])
+    depth = np.where(np.arange(320)[None, :] < 160, 1.0, 3.0).astype(np.float32).repeat(240, 0)
+    out = cv.camera_info_to_model(info).pinhole().depth(depth)
+    values = set(np.unique(out[np.isfinite(out)]).tolist())
+    assert values == {1.0, 3.0}  # never a blend of two depths (a point in the air)
+    assert np.isnan(out).any()  # outside the raw image: no measurement
+    rect = cv.camera_info_to_model(info).pinhole(rectified=True)
+    np.testing.assert_array_equal(rect.K, np.array(info.p).reshape(3, 4)[:, :3])
+    assert rect.image(depth) is depth and rect.maps is None
 
 
 # ------------------------------------------------------------------------------------------------ PointCloud2

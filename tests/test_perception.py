@@ -271,6 +271,7 @@ def _rig_config(**overrides) -> PerceptionConfig:
         points_topic="/t/points",
         sensor_qos="reliable",
         pose_wait_sec=0.3,
+        pose_wait_wall_sec=1.0,
         keyframe_period_sec=0.0,
         publish_map_period=0.1,
         diagnostics_period=0.2,
@@ -368,6 +369,29 @@ def test_bad_input_is_counted_and_never_gives_a_wrong_pose(rig):
     wait_until(perception.idle, 30, what="idle")
     assert perception.stats()["counts"]["frames_added"] == 2
     assert [f.stamp for f in perception.clip(10.0, 8).frames] == [100.25, 101.05]
+
+
+def test_pose_waits_are_in_camera_time_so_late_tf_on_a_loaded_machine_loses_nothing(rig):
+    """An image whose TF arrives later (wall time) than pose_wait_sec, with no newer sensor data meanwhile (a machine
+    too loaded to deliver TF on time delays the camera too), still gets its pose; once images pose_wait_sec newer than
+    it have arrived without its TF, it is dropped with the cause."""
+    host, perception, feed = rig
+    feed.info.publish(cv.K_to_camera_info(np.array([[50.0, 0, 31.5], [0, 50.0, 23.5], [0, 0, 1]]), 64, 48, 200.0,
+                                          "cam"))
+    _wait_count(perception, "camera_info_received", 1)
+    img = np.full((48, 64, 3), 90, np.uint8)
+    feed.send_tf("map", "cam", 199.9, *_pose(199.9))
+    feed.image.publish(cv.numpy_to_image(img, "rgb8", 200.0, "cam"))
+    _wait_count(perception, "images_received", 1)
+    time.sleep(0.6)  # twice pose_wait_sec of wall time, no newer image: it is still waiting
+    assert perception.stats()["counts"].get("frames_added", 0) == 0 and not perception.stats()["dropped"]
+    feed.send_tf("map", "cam", 200.1, *_pose(200.1))
+    _wait_count(perception, "frames_added", 1)
+    np.testing.assert_allclose(perception.clip(10.0, 4).frames[0].T_world_cam, matrix(_pose(200.0)), atol=1e-9)
+    feed.image.publish(cv.numpy_to_image(img, "rgb8", 200.2, "cam"))  # its TF never comes ...
+    feed.image.publish(cv.numpy_to_image(img, "rgb8", 200.6, "cam"))  # ... and newer data is 0.4 s ahead
+    wait_until(lambda: any(k.startswith("no_pose_") for k in perception.stats()["dropped"]), 30, what="no_pose drop")
+    assert perception.stats()["counts"]["frames_added"] == 1
 
 
 def test_depth_and_points_build_the_map_published_with_diagnostics(rig):
@@ -699,6 +723,63 @@ def test_compressed_image_transport_is_decoded_and_bad_bytes_are_counted_not_fat
             assert len(frames) == 1 and frames[0].image.shape == (48, 64, 3)
             assert np.abs(frames[0].image.astype(int) - rgb).max() <= 8  # jpeg's loss, colours not swapped
             assert perception.stats()["bad_input"].get("bad_image", 0) == 1
+        finally:
+            perception.close()
+            node.destroy_node()
+
+
+def test_distorted_raw_images_and_compressed_depth_are_undistorted_live():
+    """A raw image from a distorted camera (plumb_bob D, P as image_proc publishes it) is stored undistorted with P's
+    intrinsics, so a point lands at its pinhole pixel; depth on <depth_topic>/compressedDepth (16UC1 png) is decoded,
+    undistorted with the same model and integrated."""
+    import cv2
+    import rclpy
+    from sensor_msgs.msg import CompressedImage
+
+    from stllm_core.data.sensor_arrays import COMPRESSED_DEPTH_HEADER
+
+    W_, H_ = 160, 120
+    K = np.array([[150.0, 0, 80.5], [0, 152.0, 59.0], [0, 0, 1]])
+    D = [-0.3, 0.08, 0.001, -0.0005, 0.0]
+    P = np.array([[140.0, 0, 79.5, 0], [0, 140.0, 59.5, 0], [0, 0, 1, 0]])
+    with RosTestNode("perception_distorted") as host:
+        perception = Perception(host.node, _rig_config(depth_transport="compressedDepth", points_topic=""))
+        node = rclpy.create_node("distorted_feed", context=host.context)
+        host.executor.add_node(node)
+        try:
+            image = node.create_publisher(Image, "/t/image", RELIABLE)
+            depth = node.create_publisher(CompressedImage, "/t/depth/compressedDepth", RELIABLE)
+            info = node.create_publisher(CameraInfo, "/t/info", RELIABLE)
+            static = node.create_publisher(TFMessage, "/tf_static", LATCHED)
+            wait_until(lambda: min(p.get_subscription_count() for p in (image, depth, info)) > 0, 60,
+                       what="subscriptions to match")
+            q_cam = Rotation.from_euler("xyz", [-math.pi / 2, 0.0, -math.pi / 2]).as_quat()  # optical z = map x
+            static.publish(TFMessage(transforms=[cv.transform_to_msg("map", "cam", 0.0, np.zeros(3), q_cam)]))
+            msg = cv.K_to_camera_info(K, W_, H_, 5.0, "cam")
+            msg.distortion_model, msg.d, msg.p = "plumb_bob", D, P.ravel().tolist()
+            info.publish(msg)
+            _wait_count(perception, "camera_info_received", 1)
+            X = np.array([0.35, -0.25, 1.0])  # a ray off the centre, where the distortion moves it most
+            raw = cv2.projectPoints(X[None], np.zeros(3), np.zeros(3), K, np.array(D))[0][0, 0]
+            rgb = np.full((H_, W_, 3), 40, np.uint8)
+            cv2.circle(rgb, (int(round(raw[0])), int(round(raw[1]))), 2, (250, 250, 250), -1)
+            image.publish(cv.numpy_to_image(rgb, "rgb8", 5.0, "cam"))
+            mm = np.full((H_, W_), 2000, np.uint16)  # a wall 2 m ahead: map x = 2
+            png = cv2.imencode(".png", mm)[1].tobytes()
+            dmsg = CompressedImage(format="16UC1; compressedDepth png",
+                                   data=np.zeros(1, COMPRESSED_DEPTH_HEADER).tobytes() + png)
+            dmsg.header.stamp, dmsg.header.frame_id = cv.sec_to_stamp(5.0), "cam"
+            depth.publish(dmsg)
+            _wait_count(perception, "depth_integrated", 1)
+            (frame,) = perception.clip(10.0, 4).frames
+            np.testing.assert_array_equal(frame.K, P[:, :3])
+            ys, xs = np.nonzero(frame.image[..., 0] > 128)
+            want = P[:, :3] @ X
+            assert abs(xs.mean() - want[0]) < 1.5 and abs(ys.mean() - want[1]) < 1.5, (xs.mean(), ys.mean(), want)
+            assert np.hypot(*((K @ X)[:2] - raw)) > 3  # rays from K alone would have put it elsewhere
+            scene = perception.clip(10.0, 4).scene
+            assert scene.num_points > 0 and np.all(np.abs(scene.points[:, 0] - 2.0) <= 0.05)
+            assert not perception.stats()["bad_input"], perception.stats()["bad_input"]
         finally:
             perception.close()
             node.destroy_node()

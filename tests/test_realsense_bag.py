@@ -125,11 +125,11 @@ def test_the_bag_looks_like_a_realsense_recording(realsense_bag):
 
 
 def test_replays_through_stllm_run_with_remaps_into_frames_and_points(realsense_bag):
-    # The colour and its CameraInfo come in by remap rules on the node's default (relative) names. A rule matches a
-    # name exactly, and with image_transport compressed perception subscribes <image_topic>/compressed: a rule for the
-    # base name camera/color/image_raw does not reach that subscription, so the /compressed name is remapped itself.
-    # Depth is off by default (depth_topic ''): there is no name to remap, it is set by parameter.
-    remaps = [f"camera/color/image_raw/compressed:={COLOR}/compressed", f"camera/color/camera_info:={COLOR_INFO}"]
+    # The colour and its CameraInfo come in by remap rules on the node's default (relative) names, as a robot's launch
+    # file remaps a driver's topics; the rule for the base name also moves the compressed subscription (perception
+    # resolves the base name, then appends /compressed, as image_transport does). Depth is off by default
+    # (depth_topic ''): there is no name to remap, it is set by parameter.
+    remaps = [f"camera/color/image_raw:={COLOR}", f"camera/color/camera_info:={COLOR_INFO}"]
     params = ["model:=tiny-random", "perception.image_transport:=compressed", f"perception.depth_topic:={DEPTH}",
               f"perception.depth_info_topic:={DEPTH_INFO}"]
     args = [a for r in remaps for a in ("-r", r)] + [a for p in params for a in ("--param", p)]

@@ -669,36 +669,49 @@ def read_bag_clip(
     world_frame: str = "map",
     tf_tolerance_sec: float = 0.05,
     depth_match_sec: float = 0.02,
+    max_frames: int | None = None,
+    rectified: bool = False,
 ) -> Clip:
-    """Read a camera bag back into a Clip: every image with its K and T_world_cam (world_frame <- image frame_id).
+    """Read a camera bag back into a Clip: its images with their K and T_world_cam (world_frame <- image frame_id).
 
+    `max_frames`: at most this many images, uniform in time (as the FrameBuffer selects); only those and their depth
+    are decoded (a first pass reads the stamps), so a long recording costs the memory of the frames kept, not of the
+    bag. None = every image.
     Poses are resolved through /tf_static and /tf (interpolated between /tf samples; up to `tf_tolerance_sec` beyond
-    the ends). K comes from the camera_info with the image's stamp, else the latest earlier one. Depth goes with the image
-    of the nearest stamp within `depth_match_sec` (drivers stamp colour and depth separately: realsense-ros differs by
-    milliseconds; live perception matches within color_match_sec, the same 20 ms). The scene is the last cloud on
-    `points_topic` (in world_frame) or empty.
+    the ends). The camera model comes from the camera_info with the image's stamp, else the latest earlier one; raw
+    images with a non-zero D are undistorted into pinhole images with P's intrinsics, `rectified` images (image_proc's
+    image_rect) taken as they are with P (stllm_core.geometry.camera, as live perception does). Depth goes with the
+    image of the nearest stamp within `depth_match_sec` (drivers stamp colour and depth separately: realsense-ros
+    differs by milliseconds; live perception matches within color_match_sec, the same 20 ms), undistorted with the
+    colour camera's model (aligned depth). The scene is the last cloud on `points_topic` (in world_frame) or empty.
     The image and depth topics may carry sensor_msgs/Image (any encoding of sensor_arrays' COLOR_ENCODINGS /
     DEPTH_ENCODINGS) or sensor_msgs/CompressedImage (image_transport "compressed" jpeg/png for colour, e.g.
     /camera/color/image_raw/compressed; "compressedDepth" png for depth). Depth without a measurement (NaN, 0 mm,
     +-Inf per REP-117) is NaN in the frames.
     """
+    from stllm_core.geometry.camera import CameraModel
+    from stllm_core.memory.frame_buffer import uniform_indices
+
+    if max_frames is not None:
+        check(isinstance(max_frames, int) and max_frames >= 1, "max_frames", max_frames, "an int >= 1 or None")
     reader = BagReader(path)
     topics = [t.name for t in reader.info.topics]
     if image_topic not in topics:
         raise DataError(f"Bag {path} has no image topic {image_topic}; topics: {topics}.")
     tf = TransformBuffer(cache_sec=max(10.0, reader.info.duration_sec + 10.0))  # the whole bag stays in the buffer
-    infos: list[tuple[int, np.ndarray]] = []
-    depths: dict[int, np.ndarray] = {}
-    images: list[tuple[int, str, np.ndarray]] = []
+    infos: list[tuple[int, CameraModel]] = []
+    image_stamps: list[tuple[int, str]] = []
+    depth_stamps_seen: list[int] = []
     clouds: list[tuple[int, str, np.ndarray, np.ndarray]] = []
     wanted = {image_topic, camera_info_topic, "/tf", "/tf_static"} | {t for t in (depth_topic, points_topic) if t}
+
     def decode(m: BagMessage, fn, msg):
         try:
             return fn(msg)
         except InputError as e:
             raise DataError(f"Bag {path}: {m.topic} at {m.stamp_ns} ns: {e}") from e
 
-    for m, msg in reader.decoded(wanted & set(topics)):
+    for m, msg in reader.decoded(wanted & set(topics)):  # pass 1: TF, camera models, clouds, the stamps
         if m.topic in ("/tf", "/tf_static"):
             for tr in msg.transforms:
                 t, q = tr.transform.translation, tr.transform.rotation
@@ -709,14 +722,13 @@ def read_bag_clip(
                     where = f"{tr.header.frame_id} -> {tr.child_frame_id}"
                     raise DataError(f"Bag {path}: bad transform {where}: {e}") from e
         elif m.topic == camera_info_topic:
-            infos.append((_stamp_ns(msg.header), np.asarray(msg.k, np.float64).reshape(3, 3)))
+            model = decode(m, lambda x: CameraModel.from_arrays(x.width, x.height, x.k, x.d, x.distortion_model, x.p,
+                                                                where=f"{m.topic}"), msg)
+            infos.append((_stamp_ns(msg.header), model))
         elif m.topic == image_topic:
-            to_rgb = compressed_to_rgb if m.msgtype == COMPRESSED_IMAGE else image_to_rgb
-            images.append((_stamp_ns(msg.header), msg.header.frame_id, decode(m, to_rgb, msg)))
+            image_stamps.append((_stamp_ns(msg.header), msg.header.frame_id))
         elif depth_topic and m.topic == depth_topic:
-            depth = decode(m, compressed_depth_to_metres if m.msgtype == COMPRESSED_IMAGE else image_to_depth, msg)
-            depth[~np.isfinite(depth)] = np.nan  # +-Inf (too near / too far) is no measurement, like NaN
-            depths[_stamp_ns(msg.header)] = depth
+            depth_stamps_seen.append(_stamp_ns(msg.header))
         elif points_topic and m.topic == points_topic:
             xyz, rgb = decode(m, pointcloud2_to_xyz_rgb, msg)
             rgb = np.full((len(xyz), 3), 255, np.uint8) if rgb is None else rgb
@@ -735,27 +747,52 @@ def read_bag_clip(
             T = lookup(frame_id, stamp, tf_tolerance_sec)
             xyz = (xyz @ T[:3, :3].T.astype(np.float32) + T[:3, 3].astype(np.float32)).astype(np.float32)
         scene = Scene(points=xyz, colors=rgb, frame_id=world_frame, stamp=stamp * 1e-9)
-    if not images:
+    if not image_stamps:
         raise DataError(f"Bag {path} has no messages on {image_topic}.")
     if not infos:
         raise DataError(f"Bag {path} has no camera_info on {camera_info_topic}.")
     infos.sort(key=lambda x: x[0])
     info_stamps = [s for s, _ in infos]
-    depth_stamps = np.array(sorted(depths), np.int64)
+    image_stamps.sort()
+    if max_frames is not None and len(image_stamps) > max_frames:
+        keep = uniform_indices(np.array([s for s, _ in image_stamps], np.float64) * 1e-9, max_frames)
+        image_stamps = [image_stamps[i] for i in sorted(keep)]
+    depth_stamps = np.array(sorted(depth_stamps_seen), np.int64)
     tol_ns = int(round(depth_match_sec * 1e9))
 
-    def depth_at(stamp: int) -> np.ndarray | None:
+    def nearest_depth(stamp: int) -> int | None:
         j = int(np.searchsorted(depth_stamps, stamp))
         near = [int(depth_stamps[k]) for k in (j - 1, j) if 0 <= k < len(depth_stamps)]
         best = min(near, key=lambda s: abs(s - stamp), default=None)
-        return depths[best] if best is not None and abs(best - stamp) <= tol_ns else None
+        return best if best is not None and abs(best - stamp) <= tol_ns else None
+
+    def camera_at(stamp: int):
+        j = int(np.searchsorted(info_stamps, stamp, side="right")) - 1
+        return infos[max(j, 0)][1].pinhole(rectified)
+
+    wanted_images = {s for s, _ in image_stamps}
+    depth_of = {s: nearest_depth(s) for s in wanted_images}
+    wanted_depths = {d for d in depth_of.values() if d is not None}
+    images: dict[int, np.ndarray] = {}
+    depths: dict[int, np.ndarray] = {}
+    for m, msg in reader.decoded({image_topic} | ({depth_topic} if wanted_depths else set())):  # pass 2: the pixels
+        stamp = _stamp_ns(msg.header)
+        if m.topic == image_topic and stamp in wanted_images and stamp not in images:
+            to_rgb = compressed_to_rgb if m.msgtype == COMPRESSED_IMAGE else image_to_rgb
+            images[stamp] = decode(m, to_rgb, msg)
+        elif m.topic == depth_topic and stamp in wanted_depths and stamp not in depths:
+            depth = decode(m, compressed_depth_to_metres if m.msgtype == COMPRESSED_IMAGE else image_to_depth, msg)
+            depth[~np.isfinite(depth)] = np.nan  # +-Inf (too near / too far) is no measurement, like NaN
+            depths[stamp] = depth
 
     frames = []
-    for stamp, frame_id, img in sorted(images, key=lambda x: x[0]):
-        j = int(np.searchsorted(info_stamps, stamp, side="right")) - 1
-        K = infos[max(j, 0)][1]
+    for stamp, frame_id in image_stamps:
+        camera = camera_at(stamp)
+        d = depth_of[stamp]
+        depth = camera.depth(depths[d]) if d is not None else None
         T = lookup(frame_id, stamp, tf_tolerance_sec)
-        frames.append(Frame(stamp=stamp * 1e-9, image=img, K=K.copy(), T_world_cam=T, depth=depth_at(stamp)))
+        frames.append(Frame(stamp=stamp * 1e-9, image=camera.image(images[stamp]), K=camera.K.copy(), T_world_cam=T,
+                            depth=depth))
     if reader.skipped:
         logger.warning("Bag %s: skipped %s.", path, dict(reader.skipped))
     return Clip(frames=tuple(frames), scene=scene)
