@@ -204,3 +204,29 @@ def test_concurrent_add_and_select():
     for t in threads:
         t.join(60)
     assert not errors and len(buf) == 50
+
+
+def test_large_frames_are_stored_downscaled_so_the_default_budget_holds_the_window():
+    """1280x720 RGB-D (a RealSense at 720p) is stored at 640x360 with K rescaled: the default 256 MiB then holds more
+    than 15 s of 10 Hz keyframes (at full size, 6.4 MB a frame, it held 4 s, less than the 10 s default window)."""
+    from stllm_core.geometry.rays import rescale_intrinsics
+
+    buf = FrameBuffer()
+    K = np.array([[910.0, 0, 639.5], [0, 910.0, 359.5], [0, 0, 1]])
+    image = np.zeros((720, 1280, 3), np.uint8)
+    image[:, 640:] = 255
+    depth = np.full((720, 1280), 2.0, np.float32)
+    depth[:360] = np.nan
+    frame = buf.add(1.0, image, K, np.eye(4), depth)
+    assert frame.image.shape == (360, 640, 3) and frame.depth.shape == (360, 640)
+    np.testing.assert_allclose(frame.K, rescale_intrinsics(K, (1280, 720), (640, 360)))
+    assert frame.K[0, 2] == 319.5 and frame.K[0, 0] == 455.0
+    assert frame.image[:, :319].max() == 0 and frame.image[:, 321:].min() == 255  # the content stays in place
+    assert set(np.unique(frame.depth[180:]).tolist()) == {2.0} and np.isnan(frame.depth[:180]).all()  # nearest
+    per_frame = buf.nbytes
+    assert per_frame == 640 * 360 * (3 + 4)
+    assert buf.config.max_bytes // per_frame >= 150  # > 15 s at 10 Hz
+    full = FrameBuffer(FrameBufferConfig(max_image_side=0)).add(1.0, image, K, np.eye(4), depth)
+    assert full.image.shape == (720, 1280, 3)  # 0 keeps full size
+    with pytest.raises(ConfigError, match="max_image_side"):
+        FrameBufferConfig(max_image_side=-1)

@@ -3,6 +3,9 @@
 Bounds (all enforced on every add; the oldest frames go first):
 - `max_frames` frames, `max_age_sec` seconds behind the newest stamp (data time, so bags replay the same way), and
   `max_bytes` of image + depth arrays. A single frame larger than `max_bytes` is refused.
+- Frames whose longest side exceeds `max_image_side` (640 px) are stored downscaled (colour INTER_AREA, depth nearest,
+  K rescaled): the models read 64-384 px, and 1280x720 RGB-D at full size (6.4 MB a frame) would fit only ~4 s of
+  keyframes at 10 Hz in the default 256 MiB; at 640x360 (1.6 MB) the default bounds hold ~16 s.
 
 Poses: a frame enters the buffer only with its pose. Frames whose pose is not known yet go to a bounded pending queue
 (`add_pending`) and are moved in by `resolve(pose_lookup)` once `pose_lookup(stamp)` succeeds; those still without a
@@ -34,6 +37,7 @@ import numpy as np
 from stllm_core.config import check, check_choice
 from stllm_core.errors import InputError
 from stllm_core.geometry.poses import check_rigid
+from stllm_core.geometry.rays import rescale_intrinsics
 from stllm_core.memory.voxels import depth_to_world_points, voxel_keys
 from stllm_core.types import Frame
 
@@ -47,6 +51,7 @@ class FrameBufferConfig:
     max_frames: int = 256  # frames held at most
     max_age_sec: float = 60.0  # seconds behind the newest frame's stamp
     max_bytes: int = 256 << 20  # image + depth bytes held at most
+    max_image_side: int = 640  # frames larger than this (longest side, px) are stored downscaled, K rescaled (0 = off)
     pose_tolerance_sec: float = 0.05  # how far a frame stamp may be from TF samples (lookup tolerance, seconds)
     pose_timeout_sec: float = 1.0  # how long a pending frame waits for its pose (monotonic seconds)
     max_pending: int = 64  # pending frames held at most (the oldest is dropped)
@@ -58,6 +63,8 @@ class FrameBufferConfig:
         check(isinstance(self.max_frames, int) and self.max_frames >= 1, "max_frames", self.max_frames, "an int >= 1")
         check(_pos(self.max_age_sec), "max_age_sec", self.max_age_sec, "a positive number of seconds")
         check(isinstance(self.max_bytes, int) and self.max_bytes >= 1, "max_bytes", self.max_bytes, "an int >= 1")
+        check(isinstance(self.max_image_side, int) and self.max_image_side >= 0, "max_image_side",
+              self.max_image_side, "an int >= 0 (pixels; 0 = store full size)")
         check(_nonneg(self.pose_tolerance_sec), "pose_tolerance_sec", self.pose_tolerance_sec, "seconds >= 0")
         check(_nonneg(self.pose_timeout_sec), "pose_timeout_sec", self.pose_timeout_sec, "seconds >= 0")
         check(
@@ -167,6 +174,17 @@ class FrameBuffer:
                 raise InputError(
                     f"depth {depth.shape} of the frame at {stamp:.6f} s does not match image {image.shape[:2]}"
                 )
+        side = self.config.max_image_side
+        H, W = image.shape[:2]
+        if side and max(H, W) > side:
+            import cv2
+
+            s = side / max(H, W)
+            size = (max(1, round(W * s)), max(1, round(H * s)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+            K = rescale_intrinsics(K, (W, H), size)
+            if depth is not None:
+                depth = cv2.resize(depth, size, interpolation=cv2.INTER_NEAREST)
         return stamp, image, K, depth
 
     def _evict(self) -> None:
