@@ -24,8 +24,10 @@ Threads and work:
   (stllm_core.geometry.camera).
 - Transports: raw Image, or with `image_transport: compressed` / `depth_transport: compressedDepth` the
   CompressedImage topics image_transport names `<topic>/compressed` and `<depth_topic>/compressedDepth`.
-- Time going backwards by more than `time_jump_reset_sec` on images or /tf (a bag replayed in a loop, a sim reset)
-  clears the TF history and keyframes (static TF and the map are kept) instead of rejecting everything after it.
+- Time going backwards clears the TF history and keyframes (static TF and the map are kept) instead of rejecting
+  everything after it: the node's clock jumping back by any amount (with use_sim_time: a bag replayed in a loop with
+  /clock, a sim reset; tf2_ros' Buffer clears on the same event), or image or /tf stamps jumping back by more than
+  `time_jump_reset_sec` (the same without /clock).
 
 QoS: camera topics use `sensor_qos` ("sensor_data" = best effort, depth 5, matches both best-effort and reliable
 publishers; "reliable" only matches reliable publishers but never loses a frame on the wire). Large frames over DDS
@@ -56,6 +58,8 @@ from typing import Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import JumpThreshold
+from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
@@ -269,6 +273,11 @@ class Perception:
             self._diag_timer = node.create_timer(
                 config.diagnostics_period, self.publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup()
             )
+        # as tf2_ros' Buffer does: the node's clock jumping back (a bag replayed in a loop with /clock, a sim reset)
+        # clears the time-indexed state, whatever the size of the jump
+        self._jump = node.get_clock().create_jump_callback(
+            JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1), on_clock_change=False),
+            post_callback=self._on_clock_jump)
         self._worker = threading.Thread(target=self._run, name="stllm-perception", daemon=True)
         self._worker.start()
         subscribed = ", ".join(f"{sub.topic_name} ({sub.msg_type.__name__})" for sub in self._subs)
@@ -325,6 +334,7 @@ class Perception:
         if self._stop.is_set():
             return
         self._stop.set()
+        self._jump.unregister()
         with self._queue_cv:
             self._queue_cv.notify_all()
         self._worker.join(10.0)
@@ -566,6 +576,9 @@ class Perception:
                 self._bad_input("tf_rejected", error)
         with self._queue_cv:
             self._queue_cv.notify()  # pending items may now resolve
+
+    def _on_clock_jump(self, jump) -> None:
+        self._reset(f"the clock jumped back {-jump.delta.nanoseconds * 1e-9:.3f} s (bag loop or sim reset)")
 
     def _reset(self, why: str) -> None:
         """Forget the time-indexed state (TF history, keyframes); keep static TF and the world map."""

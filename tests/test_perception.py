@@ -562,6 +562,38 @@ def test_bag_loop_resets_the_time_indexed_state(rig):
     np.testing.assert_allclose(frames[0].T_world_cam, expected, rtol=0, atol=1e-9)
 
 
+def test_a_short_bag_looped_with_clock_resets_on_the_clock_jump(rig):
+    """A bag shorter than time_jump_reset_sec looped with /clock (the demo bag is 2.75 s): the stamps jump back by less
+    than the threshold, but the node's clock jumps back, and that clears the time-indexed state as tf2_ros' Buffer
+    does; the next lap's frames are kept instead of refused as out of order (the soak of issue 17 saw 525 of 537
+    images refused that way)."""
+    from rclpy.parameter import Parameter
+    from rosgraph_msgs.msg import Clock
+
+    host, perception, feed = rig
+    host.node.set_parameters([Parameter("use_sim_time", value=True)])
+    clock = feed.node.create_publisher(Clock, "/clock", RELIABLE)
+    wait_until(lambda: clock.get_subscription_count() > 0, 60, what="the /clock subscription")
+    K = np.array([[50.0, 0, 31.5], [0, 50.0, 23.5], [0, 0, 1]])
+    img = np.zeros((48, 64, 3), np.uint8)
+    feed.info.publish(cv.K_to_camera_info(K, 64, 48, 1.0, "cam"))
+    _wait_count(perception, "camera_info_received", 1)
+    for lap in range(2):
+        clock.publish(Clock(clock=cv.sec_to_stamp(70.0)))
+        wait_until(lambda: host.node.get_clock().now().nanoseconds == 70 * 10**9, 30, what=f"lap {lap}'s clock")
+        for i in range(4):
+            feed.send_tf("map", "cam", 70.0 + 0.5 * i, *_pose(70.0 + 0.5 * i))
+        wait_until(lambda: perception.stats()["tf"]["latest_stamp"] == 71.5, 30, what=f"TF of lap {lap}")
+        for i in range(3):
+            feed.image.publish(cv.numpy_to_image(img, "rgb8", 70.25 + 0.5 * i, "cam"))
+        _wait_count(perception, "frames_added", 3 * (lap + 1))
+        clock.publish(Clock(clock=cv.sec_to_stamp(72.0)))  # the end of the lap; the next one starts 2 s back
+        wait_until(lambda: host.node.get_clock().now().nanoseconds == 72 * 10**9, 30, what="the end of the lap")
+    stats = perception.stats()
+    assert stats["counts"]["resets"] == 1 and not stats["bad_input"], stats
+    assert [f.stamp for f in perception.clip(100.0, 10).frames] == [70.25, 70.75, 71.25]  # lap 1's, lap 0 forgotten
+
+
 def test_map_is_saved_on_close_and_restored_at_start(tmp_path):
     path = tmp_path / "map.npz"
     with RosTestNode("perception_map") as host:
