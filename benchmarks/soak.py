@@ -4,8 +4,8 @@ Replays a bag in a loop (with /clock, the reasoner on sim time) into a running r
 ask a question every `--every` seconds for `--minutes`, then reports:
 - answered / refused / failed, and the refusals by reason;
 - refusals while posed frames existed: a question refused with "no camera frames" although the reasoner's perception
-  held frames with poses inside the window (read from its /diagnostics at that moment) is the starvation the soak
-  looks for;
+  held frames before and after it and no reset (a bag loop) came in between (read from its /diagnostics, 1 Hz) is
+  the starvation the soak looks for;
 - latency p50/p95 from the client, with the reasoner's own compute (encode + prefill + decode) beside it, so queueing
   and stalls show as the difference;
 - the reasoner's resident memory sampled every 10 s: at start, after `--warmup-min` minutes and at the end (growth
@@ -85,19 +85,20 @@ def main(argv=None) -> int:
             records: list[dict] = []
             stop = threading.Event()
 
-            def perception_frames() -> int:
+            def perception_state() -> tuple[int, int]:
+                """(frames held, resets so far) from perception's latest diagnostics; (-1, -1) before any."""
                 with lock:
                     for name, values in diag.items():
                         if "perception" in name:
-                            return int(values.get("frames_held", 0))
-                return -1
+                            return int(values.get("frames_held", 0)), int(values.get("count.resets", 0))
+                return -1, -1
 
             def ask_loop(k: int) -> None:
                 next_ask = time.monotonic() + k * args.every / args.clients
                 while time.monotonic() < end and not stop.is_set():
                     time.sleep(max(0.0, next_ask - time.monotonic()))
                     next_ask += args.every
-                    held = perception_frames()
+                    held, resets = perception_state()
                     t0 = time.perf_counter()
                     rec = {"client": k, "t": time.monotonic() - t_start, "frames_held": held}
                     try:
@@ -108,6 +109,9 @@ def main(argv=None) -> int:
                         rec.update(status="answered" if res.success else "refused", error=res.error[:90],
                                    latency_ms=(time.perf_counter() - t0) * 1e3, num_tokens=int(res.num_tokens),
                                    compute_ms=float(res.encode_ms + res.prefill_ms + res.decode_ms))
+                    held_after, resets_after = perception_state()
+                    # frames were held before and after the question, and no reset (bag loop) emptied the buffer
+                    rec["posed_frames_existed"] = held > 0 and held_after > 0 and resets_after == resets
                     with lock:
                         records.append(rec)
                     if reasoner.returncode is not None:
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
     reasons: dict[str, int] = {}
     for r in refused:
         reasons[r["error"]] = reasons.get(r["error"], 0) + 1
-    starved = [r for r in refused if r["error"].startswith("no camera frames") and r["frames_held"] > 0]
+    starved = [r for r in refused if r["error"].startswith("no camera frames") and r["posed_frames_existed"]]
     lat = [r["latency_ms"] for r in answered]
     comp = [r["compute_ms"] for r in answered]
     after = [m for t, m in rss if t >= args.warmup_min * 60]
@@ -149,7 +153,7 @@ def main(argv=None) -> int:
     }
     print(f"soak {args.minutes:g} min, {args.clients} client(s) each asking every {args.every:g} s, model "
           f"{args.model}, bag {args.bag}")
-    print(f"answered {out['answered']}, refused {out['refused']} ({len(starved)} while perception held frames), "
+    print(f"answered {out['answered']}, refused {out['refused']} ({len(starved)} while perception held posed frames), "
           f"failed {out['failed']}, crashed {crashed}")
     for reason, n in reasons.items():
         print(f"  refused x{n}: {reason}")

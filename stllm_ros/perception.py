@@ -580,9 +580,15 @@ class Perception:
     def _on_clock_jump(self, jump) -> None:
         self._reset(f"the clock jumped back {-jump.delta.nanoseconds * 1e-9:.3f} s (bag loop or sim reset)")
 
+    def last_reset(self) -> tuple[float, str] | None:
+        """(seconds ago, why) of the last reset of the time-indexed state, or None."""
+        last = self._last_reset
+        return None if last is None else (time.monotonic() - last[0], last[1])
+
     def _reset(self, why: str) -> None:
         """Forget the time-indexed state (TF history, keyframes); keep static TF and the world map."""
         self._log.warning(f"perception: {why}; clearing the TF history and the frame buffer")
+        self._last_reset = (time.monotonic(), why)
         with self._tf_lock:
             self.transforms = TransformBuffer(cache_sec=self.config.tf_cache_sec)
             for parent, child, stamp, t, q in self._static_tf.values():
@@ -602,6 +608,7 @@ class Perception:
     # ------------------------------------------------------------------------------------------------ worker
 
     _pending_count = 0
+    _last_reset: tuple[float, str] | None = None
     _newest_stamp = float("-inf")  # the newest stamp of the sensor data queued (the camera's clock)
     _busy = False
     _reset_pending = False

@@ -152,17 +152,34 @@ class ReasonerNode(LifecycleNode):
     # service ------------------------------------------------------------------------------------------------------
     def _clip(self, window_sec: float, num_frames: int, strategy: str):
         """Frames of the last `window_sec` s of the node's clock (sim time when replaying a bag with /clock)."""
-        assert self.perception is not None
+        perception = self.perception
+        assert perception is not None
         now_ns = self.get_clock().now().nanoseconds
         now = now_ns * 1e-9 if now_ns > 0 else None  # sim time before the first /clock: the newest frame's stamp
-        clip = self.perception.clip(window_sec, num_frames, strategy, now=now)
-        if not clip.frames:
-            latest = self.perception.latest_frame()
-            if latest is not None and now is not None and now - latest.stamp > window_sec:
-                raise InputError(
-                    f"the newest camera frame is {now - latest.stamp:.1f} s old, older than the {window_sec:g} s "
-                    f"window: is the camera still publishing on {self.perception.config.image_topic}?"
-                )
+        latest = perception.latest_frame()
+        if latest is not None and now is not None and latest.stamp > now:
+            # a frame stamped after this node's "now" has been received: the camera's clock is ahead (another
+            # computer without time sync) or /clock has not caught up with the bag yet; it is the latest observation
+            if latest.stamp - now > 1.0:
+                self.get_logger().warning(
+                    f"camera frames are stamped {latest.stamp - now:.1f} s ahead of this node's clock: check the "
+                    "time sync between the camera's computer and this one (chrony), or use_sim_time with /clock",
+                    throttle_duration_sec=30.0)
+            now = latest.stamp
+        clip = perception.clip(window_sec, num_frames, strategy, now=now)
+        if not clip.frames and latest is None:
+            reset = perception.last_reset()
+            since = f" since perception was reset {reset[0]:.1f} s ago ({reset[1]})" if reset else ""
+            raise InputError(
+                f"no camera frames with a known pose yet{since}: check that images arrive on "
+                f"{perception.config.image_topic} and that TF connects the camera frame to "
+                f"{perception.config.world_frame}"
+            )
+        if not clip.frames and now is not None and now - latest.stamp > window_sec:
+            raise InputError(
+                f"the newest camera frame is {now - latest.stamp:.1f} s old, older than the {window_sec:g} s "
+                f"window: is the camera still publishing on {perception.config.image_topic}?"
+            )
         return clip
 
     def _partial_cb(self, request_id: str, extra=None):

@@ -211,3 +211,44 @@ def test_in_a_robot_namespace_names_params_file_and_prefixed_frames_follow(ros, 
                    what="the node's topics under /robot1")
         assert ros.node.count_subscribers("/tf") >= 1  # /tf stays global (frames carry the robot's prefix)
         assert proc.returncode is None, proc.output[-3000:]
+
+
+def test_frames_stamped_ahead_of_the_node_clock_are_answered(ros):
+    """A camera on another computer whose clock runs ahead (no time sync), or a bag whose /clock has not caught up
+    with its images: the frame is the latest observation and is used (it was refused as "no camera frames in the last
+    10 s" because its stamp lay after the node's now)."""
+    import time
+
+    import numpy as np
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CameraInfo, Image
+    from tf2_msgs.msg import TFMessage
+
+    from stllm_ros import conversions as cv
+
+    reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    latched = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    with reasoner("model:=tiny-random", "perception.sensor_qos:=reliable", ns="/skew") as proc:
+        proc.wait_for_output("stllm reasoner up", timeout=180)
+        client = ros.node.create_client(AskSTLLM, "/skew/stllm/ask")
+        ros.wait_for_service(client)
+        image = ros.node.create_publisher(Image, "/skew/camera/color/image_raw", reliable)
+        info = ros.node.create_publisher(CameraInfo, "/skew/camera/color/camera_info", reliable)
+        static = ros.node.create_publisher(TFMessage, "/tf_static", latched)
+        wait_until(lambda: image.get_subscription_count() > 0 and info.get_subscription_count() > 0, 60,
+                   what="the reasoner's camera subscriptions")
+        static.publish(TFMessage(transforms=[cv.transform_to_msg("map", "skew_cam", 0.0, np.zeros(3),
+                                                                 np.array([0, 0, 0, 1.0]))]))
+        ahead = time.time() + 30.0  # the camera's clock is 30 s ahead of this machine's
+        info.publish(cv.K_to_camera_info(np.diag([50.0, 50.0, 1.0]), 64, 48, ahead, "skew_cam"))
+        time.sleep(0.5)
+        image.publish(cv.numpy_to_image(np.full((48, 64, 3), 120, np.uint8), "rgb8", ahead, "skew_cam"))
+        deadline = time.monotonic() + 20  # well before this machine's clock reaches the frame's stamp
+        while True:
+            res = ask(ros, client, "Where did I put the mug?", max_new_tokens=4)
+            if res.success or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert res.success and res.num_frames == 1, res.error
+        assert proc.returncode is None
+    assert "ahead of this node's clock" in proc.output  # said once, with what to check
