@@ -167,6 +167,8 @@ class ReasonerNode(LifecycleNode):
                     throttle_duration_sec=30.0)
             now = latest.stamp
         clip = perception.clip(window_sec, num_frames, strategy, now=now)
+        if not clip.frames:
+            latest = perception.latest_frame()  # again: a reset (bag loop) may have emptied the buffer meanwhile
         if not clip.frames and latest is None:
             reset = perception.last_reset()
             since = f" since perception was reset {reset[0]:.1f} s ago ({reset[1]})" if reset else ""

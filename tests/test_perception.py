@@ -273,6 +273,7 @@ def _rig_config(**overrides) -> PerceptionConfig:
         pose_wait_sec=0.3,
         pose_wait_wall_sec=1.0,
         keyframe_period_sec=0.0,
+        depth_period_sec=0.0,
         publish_map_period=0.1,
         diagnostics_period=0.2,
         depth_stride=2,
@@ -484,22 +485,26 @@ def test_full_queue_drops_the_oldest_and_counts_it(rig):
     assert stamps[-1] == pytest.approx(1.0 + 0.1 * (n - 1))  # the newest survived
 
 
-def test_keyframe_period_thins_the_images_before_any_conversion():
+def test_keyframe_and_depth_periods_thin_the_images_before_any_conversion():
     with RosTestNode("perception_kf") as host:
-        perception = Perception(host.node, _rig_config(keyframe_period_sec=0.25))
+        perception = Perception(host.node, _rig_config(keyframe_period_sec=0.25, depth_period_sec=0.25))
         feed = _Feed(host)
         try:
             feed.send_tf("map", "cam", 0.0, [0.0, 0.0, 0.0], [0, 0, 0, 1], static=True)
             feed.info.publish(cv.K_to_camera_info(np.diag([50.0, 50.0, 1.0]), 64, 48, 1.0, "cam"))
             _wait_count(perception, "camera_info_received", 1)
             img = np.zeros((48, 64, 3), np.uint8)
+            depth = np.full((48, 64), 2.0, np.float32)
             for i in range(10):  # every 0.125 s (exact in binary): 0, 0.25, 0.5, 0.75, 1.0 are kept
                 feed.image.publish(cv.numpy_to_image(img, "rgb8", 5.0 + 0.125 * i, "cam"))
+                feed.depth.publish(cv.numpy_to_image(depth, "32FC1", 5.0 + 0.125 * i, "cam"))
                 _wait_count(perception, "images_received", i + 1)  # one at a time (subscription depth 5)
+                _wait_count(perception, "depth_received", i + 1)
             wait_until(perception.idle, 30, what="idle")
             stats = perception.stats()
             assert [f.stamp - 5.0 for f in perception.clip(10.0, 10).frames] == [0.0, 0.25, 0.5, 0.75, 1.0]
             assert stats["counts"]["images_skipped_keyframe_period"] == 5 and not stats["dropped"], stats
+            assert stats["counts"]["depth_skipped_period"] == 5 and stats["counts"]["depth_integrated"] == 5, stats
         finally:
             perception.close()
             feed.node.destroy_node()
