@@ -106,8 +106,8 @@ class PerceptionConfig:
     pose_wait_sec: float = 0.5  # camera time an item waits for its TF (dropped once data this much newer arrived)
     pose_wait_wall_sec: float = 5.0  # and at most this much wall time when no newer sensor data comes
     keyframe_period_sec: float = 0.1  # keep at most one image per period (0 = every image); 10 Hz keeps ~25 s
-    depth_period_sec: float = 0.1  # integrate at most one depth image per period (0 = every one; ~10 ms per 640x480)
     # of 640x480 history in the default FrameBuffer bounds (256 frames, 256 MiB) where 30 Hz would keep ~8 s
+    depth_period_sec: float = 0.1  # integrate at most one depth image per period (0 = every one; ~10 ms per 640x480)
     depth_stride: int = 4  # integrate every n-th depth pixel in both directions
     color_match_sec: float = 0.02  # a colour image this close in time to a depth image colours it
     depth_requires_color: bool = True  # drop depth that has no colour image (else integrate it in default_color)
@@ -510,15 +510,20 @@ class Perception:
         if not compressed and msg.encoding not in cv.DEPTH_ENCODINGS:
             self._bad_input("bad_depth_encoding", f"depth encoding {msg.encoding!r} on {self.config.depth_topic}")
             return
+        if not compressed:  # the size is known before decoding: refuse a mismatch without converting
+            camera = self._camera("depth", int(msg.width), int(msg.height), "depth_info_size_mismatch")
+            if camera is None:
+                return
         try:
             depth = cv.compressed_depth_to_metres(msg) if compressed else cv.image_to_depth(msg)
         except InputError as e:
             self._bad_input("bad_depth", str(e))
             return
-        camera = self._camera("depth", int(depth.shape[1]), int(depth.shape[0]), "depth_info_size_mismatch")
-        if camera is None:
-            return
-        depth, K = camera.depth(depth), camera.K
+        if compressed:
+            camera = self._camera("depth", int(depth.shape[1]), int(depth.shape[0]), "depth_info_size_mismatch")
+            if camera is None:
+                return
+        depth, K = camera.depth(depth), camera.K  # pinhole depth (undistorted nearest when its CameraInfo says so)
         finite = np.isfinite(depth)
         if not finite.all():
             n_inf = int(np.count_nonzero(np.isinf(depth)))

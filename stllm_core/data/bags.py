@@ -723,7 +723,7 @@ def read_bag_clip(
                     raise DataError(f"Bag {path}: bad transform {where}: {e}") from e
         elif m.topic == camera_info_topic:
             model = decode(m, lambda x: CameraModel.from_arrays(x.width, x.height, x.k, x.d, x.distortion_model, x.p,
-                                                                where=f"{m.topic}"), msg)
+                                                                where=m.topic), msg)
             infos.append((_stamp_ns(msg.header), model))
         elif m.topic == image_topic:
             image_stamps.append((_stamp_ns(msg.header), msg.header.frame_id))
