@@ -203,7 +203,8 @@ def test_partial_answers_carry_their_request_id_and_concurrent_streams_separate(
 
 def run_goal(ros, client, goal, cancel_after: int = 0, timeout: float = 120):
     """Send an AskSTLLM goal; cancel it once `cancel_after` (> 0) feedback messages with text arrived. Returns
-    (accepted, status, result, feedback list, seconds from the cancel request to the result or None)."""
+    (accepted, status, result, feedback list, seconds from the cancel request to the result or None); a succeeded
+    goal's feedback is awaited up to its final text."""
     feedback, done, sent = [], threading.Event(), threading.Event()
     state: dict = {"cancel_t": None}
 
@@ -225,7 +226,13 @@ def run_goal(ros, client, goal, cancel_after: int = 0, timeout: float = 120):
     result.add_done_callback(lambda _f: (state.__setitem__("end_t", time.monotonic()), done.set()))
     assert done.wait(timeout), "no result for the goal"
     latency = state["end_t"] - state["cancel_t"] if state["cancel_t"] is not None else None
-    return True, result.result().status, result.result().result, feedback, latency
+    status, res = result.result().status, result.result().result
+    # feedback (a topic) and the result (a service reply) travel apart: the last feedback may land after the result
+    deadline = time.monotonic() + 10
+    while (status == GoalStatus.STATUS_SUCCEEDED and res.answer and time.monotonic() < deadline
+           and not any(f.partial_answer == res.answer for f in feedback)):
+        time.sleep(0.05)
+    return True, status, res, feedback, latency
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +255,6 @@ def test_action_feedback_grows_to_the_result(ros, stack, action_client):
         texts = [f.partial_answer for f in feedback if f.phase == "generating"]
         if len(texts) >= 2 and res.answer:
             break
-    # feedback (a topic) and the result (a service) travel apart: the last feedback may land after the result
-    deadline = time.monotonic() + 10
-    while not any(f.partial_answer == res.answer for f in feedback) and time.monotonic() < deadline:
-        time.sleep(0.05)
     texts = [f.partial_answer for f in feedback if f.phase == "generating"]
     assert len(texts) >= 2, "fewer than 2 feedback messages with text"
     assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(texts, texts[1:])), texts
