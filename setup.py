@@ -43,6 +43,7 @@ setup(
             "stllm-rgbd2clip = stllm_core.data.cli:rgbd2clip_main",
             "stllm-train = training.train:main",
             "stllm-eval = training.evaluate:main",
+            "stllm-serve = stllm_core.engine.serve:main",
         ]
     },
 )

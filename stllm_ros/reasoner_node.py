@@ -100,6 +100,7 @@ class ReasonerNode(LifecycleNode):
             self.get_logger().info(f"loading model {self.config.model!r} ({self.config.backend}, {self.config.device})")
             pipeline = AnswerPipeline.load(
                 model=self.config.model,
+                llm_url=self.config.llm_url,
                 device=self.config.device,
                 dtype=self.config.dtype,
                 backend=self.config.backend,
@@ -308,7 +309,7 @@ class ReasonerNode(LifecycleNode):
         """The reasoner's health: ERROR unconfigured (why), WARN inactive or the newest frame older than the window,
         OK otherwise; values: model, backend, device, state, queue, counts, latencies."""
         cfg, reasoner, perception = self.config, self.reasoner, self.perception
-        values = {"model": cfg.model, "backend": cfg.backend, "device": cfg.device,
+        values = {"model": cfg.model, "llm_url": cfg.llm_url or "(local)", "backend": cfg.backend, "device": cfg.device,
                   "state": "active" if self._active else ("inactive" if reasoner is not None else "unconfigured"),
                   "rejected_goals": self._rejected}
         if reasoner is None:

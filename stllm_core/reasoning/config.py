@@ -16,6 +16,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 HELP = {
     "model": "model to load: 'stllm-smol' (the embedded default, models/stllm-smol), 'tiny-random' (a tiny "
     "untrained model for tests and plumbing), or a model directory written by save_pretrained or stllm-train",
+    "llm_url": "'' = decode with the model's own language model; 'http://host:port' = an OpenAI-compatible "
+    "server with prompt embeddings (stllm-serve / vLLM) decodes for this robot (the encoders stay here); checked "
+    "at configure to serve this model",
     "backend": "inference backend: eager | compiled (torch.compile, CUDA graphs on GPU) | tensorrt (torch-tensorrt)",
     "device": "cpu | cuda | auto (cuda when available)",
     "dtype": "float32 | bfloat16 | float16 (float32 on CPU is the safe choice)",
@@ -43,6 +46,7 @@ HELP = {
 @dataclass
 class ReasonerConfig:
     model: str = "stllm-smol"
+    llm_url: str = ""
     backend: str = "eager"
     device: str = "cpu"
     dtype: str = "float32"
@@ -65,6 +69,13 @@ class ReasonerConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.model.strip()), "model", self.model, "a model name or directory")
+        if self.llm_url:
+            from stllm_core.engine.remote import parse_llm_url
+
+            try:
+                parse_llm_url(self.llm_url)
+            except ValueError as e:
+                check(False, "llm_url", self.llm_url, f"'' or http(s)://host:port ({e})")
         self.engine_config()  # backend, max_new_tokens, temperature, top_p, seed: the engine's own checks
         check_choice("device", self.device, DEVICES)
         check_choice("dtype", self.dtype, DTYPES)

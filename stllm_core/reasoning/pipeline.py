@@ -50,6 +50,12 @@ def resolve_embedded(name: str) -> Path:
         f"{', '.join(str(r) for r in roots)}); train it with scripts/train_smol.sh, pass a model directory, or use "
         f"model:={TINY_RANDOM} (untrained, for plumbing only)"
     )
+def served_name(model: str) -> str:
+    """The name a language-model server serves this model's LM under (stllm-serve): the embedded model's name or
+    the model directory's name. Example: served_name("runs/x/export/") -> "export"."""
+    return model if model in EMBEDDED or model == TINY_RANDOM else Path(model).expanduser().resolve().name
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_QUESTION_CHARS = 1000
 
@@ -111,7 +117,13 @@ class AnswerPipeline:
         processor,
         engine_config: EngineConfig | None = None,
         engine_cache_dir: str | Path | None = None,
+        llm_url: str = "",
+        model_name: str = "",
     ) -> None:
+        """`llm_url`: "" decodes with the model's own language model; an OpenAI-compatible server's URL (vLLM with
+        prompt embeddings, see stllm_core.engine.remote) decodes there instead, the served model being checked to
+        be this one (`model_name`, hidden size, vocabulary): LLMServerError otherwise. The local language model then
+        keeps only its input embeddings (its decoder layers are freed)."""
         self.model = model.eval()
         self.processor = processor
         stops = tuple(processor.stop_token_ids)
@@ -119,7 +131,19 @@ class AnswerPipeline:
             engine_config = EngineConfig(stop_token_ids=stops)
         elif not engine_config.stop_token_ids:
             engine_config = dataclasses.replace(engine_config, stop_token_ids=stops)
-        self.engine = Engine(model.language_model, engine_config)
+        self.llm_url = llm_url
+        if llm_url:
+            from stllm_core.engine.remote import RemoteEngine
+
+            emb = model.language_model.get_input_embeddings().weight
+            self.engine = RemoteEngine(llm_url, model_name, engine_config, hidden_size=int(emb.shape[1]),
+                                       vocab_size=int(emb.shape[0]))
+            self.engine.connect(processor.tokenizer)
+            decoder = model.language_model.get_decoder()
+            if hasattr(decoder, "layers"):
+                decoder.layers = torch.nn.ModuleList()  # the server runs them; the robot needs the embeddings
+        else:
+            self.engine = Engine(model.language_model, engine_config)
         self.backend = engine_config.backend
         self.engine_cache_dir = engine_cache_dir
         self._encoders: dict[tuple, Callable] = {}
@@ -138,8 +162,10 @@ class AnswerPipeline:
         temperature: float = 0.0,
         top_p: float = 1.0,
         engine_cache_dir: str | Path | None = None,
+        llm_url: str = "",
     ) -> AnswerPipeline:
-        """Load "tiny-random" (a random tiny model built in-process, seconds) or a saved model directory."""
+        """Load "tiny-random" (a random tiny model built in-process, seconds) or a saved model directory.
+        `llm_url`: decode on that language-model server (see __init__) instead of locally."""
         check_choice("dtype", dtype, DTYPES)
         dev = resolve_device(device)
         engine_config = EngineConfig(
@@ -161,7 +187,7 @@ class AnswerPipeline:
         logger.info(
             "loaded model %s on %s (%s, backend %s) in %.1f s", model, dev, dtype, backend, time.perf_counter() - t0
         )
-        return cls(net, processor, engine_config, engine_cache_dir)
+        return cls(net, processor, engine_config, engine_cache_dir, llm_url=llm_url, model_name=served_name(model))
 
     # --- properties --------------------------------------------------------------------------------------------
     @property
