@@ -29,16 +29,23 @@ sys.path.insert(0, str(ROOT))
 
 
 def _clips(n: int, num_frames: int):
+    """n REA-Sim questions: the smol set's validation split, or a small set generated once under runs/."""
     from stllm_core.data import read_rea_json, record_to_clip
 
     val = ROOT / "data" / "reasim-smol" / "val.json"
-    if val.is_file():
-        recs = list(read_rea_json(val))[:n]
-        return [(r.question, record_to_clip(r, num_frames=num_frames)) for r in recs]
-    from stllm_core.model import random_clip
+    if not val.is_file():
+        val = ROOT / "runs" / "bench_fleet_reasim" / "val.json"
+    recs = list(read_rea_json(val))[:n]
+    return [(r.question, record_to_clip(r, num_frames=num_frames)) for r in recs]
 
-    return [("Where did I put the mug, and which way is it from me now?", random_clip(num_frames, seed=i))
-            for i in range(n)]
+
+def _ensure_records() -> None:
+    from stllm_core.data.reasim.generate import generate_reasim
+
+    out = ROOT / "runs" / "bench_fleet_reasim"
+    if not (ROOT / "data" / "reasim-smol" / "val.json").is_file() and not (out / "val.json").is_file():
+        generate_reasim(out, scenes=2, clips_per_scene=1, frames=12, size=(128, 96), questions_per_type=4, seed=7,
+                        val_fraction=0.5, write_depth=False, workers=1, progress=False)
 
 
 def robot(mode: str, url: str, model: str, n: int, barrier, out) -> None:
@@ -99,6 +106,7 @@ def main() -> int:
 
     lm_dir = _resolve(read_config(resolve_embedded(args.model)).llm) if args.model == "stllm-smol" else None
     lm_bytes = sum(f.stat().st_size for f in lm_dir.glob("*.safetensors")) if lm_dir else 0
+    _ensure_records()
     torch.set_num_threads(2)
     bw = measure_bandwidth(torch.device("cpu"), 256 << 20)
     floor = bw / lm_bytes if lm_bytes else 0.0
