@@ -74,6 +74,33 @@ class EngineConfig:
         check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", self.seed, "an integer")
         check_choice("backend", self.backend, BACKENDS)
 
+    def sampling(self, temperature: float | None = None, top_p: float | None = None) -> tuple[float, float]:
+        """One call's (temperature, top_p): the given values (None = this config's), checked as the config's are."""
+        chosen = dataclasses.replace(self, temperature=self.temperature if temperature is None else temperature,
+                                     top_p=self.top_p if top_p is None else top_p)
+        return float(chosen.temperature), float(chosen.top_p)
+
+
+def check_prompt_embeds(inputs_embeds: object, max_new_tokens: int, hidden_size: int, max_positions: int,
+                        limit_name: str) -> None:
+    """Refuse a prompt that is not a finite (1, L, D) tensor with L >= 1, D = hidden_size (0: not checked) and
+    L + max_new_tokens within max_positions (0: not checked; `limit_name` names the limit in the message)."""
+    if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
+        shape = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds)
+        raise InputError(f"inputs_embeds must be a (1, L, D) tensor; got {shape}.")
+    b, length, d = inputs_embeds.shape
+    if b != 1:
+        raise InputError(f"inputs_embeds must have batch size 1 (the engine decodes one sequence); got {b}.")
+    if length < 1:
+        raise InputError("inputs_embeds is empty (L = 0); the prompt needs at least one position.")
+    if hidden_size and d != hidden_size:
+        raise InputError(f"inputs_embeds width {d} does not match the language model's hidden size {hidden_size}.")
+    if max_positions and length + max_new_tokens > max_positions:
+        raise InputError(f"prompt of {length} positions + {max_new_tokens} new tokens exceeds {limit_name} "
+                         f"{max_positions}.")
+    if not torch.isfinite(inputs_embeds).all():
+        raise InputError("inputs_embeds contains NaN or infinite values.")
+
 
 def check_max_new_tokens(value: object, field: str = "max_new_tokens") -> int:
     """Validate a token budget: an int in [1, MAX_NEW_TOKENS_LIMIT]; raises ConfigError naming `field`."""
@@ -130,25 +157,8 @@ class Engine:
         return self.config.backend
 
     def _check_embeds(self, inputs_embeds: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
-            shape = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds)
-            raise InputError(f"inputs_embeds must be a (1, L, D) tensor; got {shape}.")
-        b, length, d = inputs_embeds.shape
-        if b != 1:
-            raise InputError(f"inputs_embeds must have batch size 1 (the engine decodes one sequence); got {b}.")
-        if length < 1:
-            raise InputError("inputs_embeds is empty (L = 0); the prompt needs at least one position.")
-        if d != self.hidden_size:
-            raise InputError(
-                f"inputs_embeds width {d} does not match the language model's hidden size {self.hidden_size}."
-            )
-        if self.max_positions and length + max_new_tokens > self.max_positions:
-            raise InputError(
-                f"prompt of {length} positions + {max_new_tokens} new tokens exceeds the language model's "
-                f"max_position_embeddings {self.max_positions}."
-            )
-        if not torch.isfinite(inputs_embeds).all():
-            raise InputError("inputs_embeds contains NaN or infinite values.")
+        check_prompt_embeds(inputs_embeds, max_new_tokens, self.hidden_size, self.max_positions,
+                            "the language model's max_position_embeddings")
         return inputs_embeds.to(device=self.device, dtype=self.dtype)
 
     def _sync(self) -> None:
@@ -190,12 +200,7 @@ class Engine:
         embeds = self._check_embeds(inputs_embeds, n_max)
         if cancel is not None and cancel.is_set():
             return Generation([], 0.0, 0.0, "cancelled")
-        sampling = dataclasses.replace(
-            self.config,
-            temperature=self.config.temperature if temperature is None else temperature,
-            top_p=self.config.top_p if top_p is None else top_p,
-        )  # validates both
-        temperature, top_p = float(sampling.temperature), float(sampling.top_p)
+        temperature, top_p = self.config.sampling(temperature, top_p)
         generator = None
         if temperature > 0.0:
             generator = torch.Generator(device=self.device).manual_seed(self.config.seed)

@@ -22,7 +22,6 @@ An API key for a server behind an authenticating proxy: the environment variable
 from __future__ import annotations
 
 import base64
-import dataclasses
 import http.client
 import io
 import json
@@ -36,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-from stllm_core.engine.generation import EngineConfig, Generation, check_max_new_tokens
+from stllm_core.engine.generation import EngineConfig, Generation, check_max_new_tokens, check_prompt_embeds
 from stllm_core.errors import InputError, STLLMError
 
 logger = logging.getLogger(__name__)
@@ -225,19 +224,7 @@ class RemoteEngine:
         return conn, resp
 
     def _check_embeds(self, inputs_embeds: torch.Tensor, n_max: int) -> torch.Tensor:
-        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
-            shape = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds)
-            raise InputError(f"inputs_embeds must be a (1, L, D) tensor; got {shape}.")
-        if inputs_embeds.shape[1] < 1:
-            raise InputError("inputs_embeds is empty (L = 0); the prompt needs at least one position.")
-        if self.hidden_size and inputs_embeds.shape[2] != self.hidden_size:
-            raise InputError(f"inputs_embeds width {inputs_embeds.shape[2]} does not match the language model's "
-                             f"hidden size {self.hidden_size}.")
-        if self.max_model_len and inputs_embeds.shape[1] + n_max > self.max_model_len:
-            raise InputError(f"prompt of {inputs_embeds.shape[1]} positions + {n_max} new tokens exceeds the "
-                             f"server's max_model_len {self.max_model_len}.")
-        if not torch.isfinite(inputs_embeds).all():
-            raise InputError("inputs_embeds contains NaN or infinite values.")
+        check_prompt_embeds(inputs_embeds, n_max, self.hidden_size, self.max_model_len, "the server's max_model_len")
         return inputs_embeds[0]  # sent in its own dtype (bf16 halves the bytes); the server casts to its own
 
     def _chunk_tokens(self, line: bytes) -> tuple[list[int], str | None] | None:
@@ -278,14 +265,12 @@ class RemoteEngine:
         embeds = self._check_embeds(inputs_embeds, n_max)
         if cancel is not None and cancel.is_set():
             return Generation([], 0.0, 0.0, "cancelled")
-        sampling = dataclasses.replace(self.config,
-                                       temperature=self.config.temperature if temperature is None else temperature,
-                                       top_p=self.config.top_p if top_p is None else top_p)  # validates both
+        temperature, top_p = self.config.sampling(temperature, top_p)
         stops = set(self.config.stop_token_ids)
         tokens: list[int] = []
         stopped, callback_s, t_first = "length", 0.0, None
         t0 = time.perf_counter()
-        conn, resp = self._completion(embeds, n_max, float(sampling.temperature), float(sampling.top_p), True)
+        conn, resp = self._completion(embeds, n_max, temperature, top_p, True)
         done = threading.Event()
 
         def watch() -> None:  # closing the socket is what ends a blocked read and tells the server to stop
